@@ -1,0 +1,54 @@
+"""Small graph queries and clean-ups shared by several passes."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from morphc.ir.program import Program
+
+_IMPURE_TAGS = (torch.Tag.nondeterministic_seeded, torch.Tag.nondeterministic_bitwise)
+
+
+def is_pure(node: fx.Node) -> bool:
+    """True when the node's value depends only on its inputs and it has no side effects.
+
+    Such nodes may be merged (CSE), precomputed (constant folding) or removed when unused.
+    """
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload):
+        return False
+    if op._schema.is_mutable or any(tag in op.tags for tag in _IMPURE_TAGS):
+        return False
+    return op._schema.name.split("::")[-1] not in ("empty", "empty_like", "empty_strided", "_assert_tensor_metadata")
+
+
+def remove_unused_tensors(program: Program) -> int:
+    """Delete tensors registered on the GraphModule that no get_attr reads; returns bytes freed."""
+    gm = program.graph_module
+    used = {str(n.target) for n in program.graph.nodes if n.op == "get_attr"}
+    freed = 0
+    for name, buf in list(gm.named_buffers(recurse=False)):
+        if name not in used:
+            freed += buf.numel() * buf.element_size()
+            delattr(gm, name)
+    return freed
+
+
+def task_reach(program: Program) -> dict[fx.Node, frozenset[str]]:
+    """For every node, the tasks whose outputs depend on it."""
+    reach: dict[fx.Node, set[str]] = {n: set() for n in program.graph.nodes}
+    leaves = program.output_node.args[0]
+    for spec, leaf in zip(program.outputs, leaves):
+        if isinstance(leaf, fx.Node):
+            reach[leaf].add(spec.task)
+    for node in reversed(list(program.graph.nodes)):
+        for inp in node.all_input_nodes:
+            reach[inp] |= reach[node]
+    return {n: frozenset(t) for n, t in reach.items()}
