@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import traceback
 from collections.abc import Mapping, Sequence
+
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -188,14 +189,15 @@ def _splice(exported: dict[str, ExportedProgram], args: tuple[torch.Tensor, ...]
                 leaves = list(node.args[0])
                 for leaf, leaf_name in zip(leaves, _leaf_names(ep, task, len(leaves))):
                     if not isinstance(leaf, fx.Node):
-                        raise LoweringError(f"model '{task}' returns a non-tensor value ({leaf!r}) as output '{leaf_name}'")
+                        raise LoweringError(
+                            f"model '{task}' returns a non-tensor value ({leaf!r}) as output '{leaf_name}'")
                     val = leaf.meta.get("val")
                     if not isinstance(val, torch.Tensor):
                         raise LoweringError(f"model '{task}' output '{leaf_name}' is not a tensor")
                     output_values.append(env[leaf])
                     outputs.append(OutputSpec(leaf_name, tuple(int(d) for d in val.shape), val.dtype, task=task))
             else:
-                new = graph.node_copy(node, lambda n: env[n])
+                new = graph.node_copy(node, env.__getitem__)
                 if prefix_tasks:
                     new._rename(f"{task}_{node.name}")
                 new.meta[MODULE_PATH_KEY] = _module_path(node, task, prefix_tasks)

@@ -22,7 +22,7 @@ META_KEY = "morphc"  # node.meta[META_KEY] -> NodeMeta
 MODULE_PATH_KEY = "morphc.module_path"  # set at lowering, survives metadata recomputation
 
 
-class OpClass(str, enum.Enum):
+class OpClass(enum.StrEnum):
     """Coarse operator families: what passes, cost models and schedules reason about."""
 
     INPUT = "input"

@@ -168,7 +168,8 @@ class Program:
             raise InputMismatchError(f"expected {len(self.inputs)} input(s) ({expected}), got {len(args)}")
         for i, (spec, arg) in enumerate(zip(self.inputs, args)):
             if not isinstance(arg, torch.Tensor):
-                raise InputMismatchError(f"input '{spec.name}' (#{i}) must be a tensor {spec}, got {type(arg).__name__}")
+                raise InputMismatchError(
+                    f"input '{spec.name}' (#{i}) must be a tensor {spec}, got {type(arg).__name__}")
             if not spec.matches(arg):
                 got = TensorMeta(tuple(arg.shape), arg.dtype)
                 raise InputMismatchError(

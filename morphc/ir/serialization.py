@@ -103,7 +103,8 @@ def _decode_target(op: str, text: str) -> Any:
         name, overload = rest.rsplit(".", 1)
         return getattr(getattr(getattr(torch.ops, ns), name), overload)
     except (ValueError, AttributeError) as exc:
-        raise SerializationError(f"saved program calls unknown operator '{text}' (from another torch version?)") from exc
+        raise SerializationError(
+            f"saved program calls unknown operator '{text}' (from another torch version?)") from exc
 
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:
@@ -159,7 +160,7 @@ def load(path: str | Path) -> Program:
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise SerializationError(f"'{path}' is not a readable safetensors file: {exc}") from exc
     if meta.get("format") != FORMAT:
@@ -198,7 +199,8 @@ def _rebuild(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Program:
             node.meta[ANNOTATIONS_KEY] = {a["kind"]: annotation_from_json(a) for a in entry["annotations"]}
         env[node.name] = node
     inputs = [TensorSpec(s["name"], tuple(s["shape"]), _dtype_from(s["dtype"])) for s in doc["inputs"]]
-    outputs = [OutputSpec(s["name"], tuple(s["shape"]), _dtype_from(s["dtype"]), task=s["task"]) for s in doc["outputs"]]
+    outputs = [OutputSpec(s["name"], tuple(s["shape"]), _dtype_from(s["dtype"]), task=s["task"])
+               for s in doc["outputs"]]
     examples = [tensors[f"input/{i}"] for i in range(len(inputs))]
     annotations = {a["kind"]: annotation_from_json(a) for a in doc["annotations"]}
     return Program(fx.GraphModule(root, graph), inputs, outputs, examples, annotations)

@@ -12,7 +12,7 @@ from morphc.errors import PassOptionError
 from morphc.ir.metadata import MODULE_PATH_KEY
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, option, register_pass
-from morphc.passes.graph_utils import is_pure, remove_unused_tensors
+from morphc.passes.graph_utils import fresh_attr, is_pure, remove_unused_tensors
 from morphc.passes.manager import PassContext
 
 
@@ -58,7 +58,7 @@ class FoldConstants(Pass):
             nbytes = value.numel() * value.element_size()
             if nbytes > limit:
                 continue
-            attr = _fresh_attr(program, f"folded_{node.name}")
+            attr = fresh_attr(program, f"folded_{node.name}")
             program.graph_module.register_buffer(attr, value.contiguous().clone())
             with graph.inserting_before(node):
                 const = graph.get_attr(attr)
@@ -79,9 +79,3 @@ class FoldConstants(Pass):
         return PassResult(program, modified=folded > 0 or removed > 0,
                           statistics={"values-folded": folded, "nodes-removed": removed, "folded-bytes": folded_bytes})
 
-
-def _fresh_attr(program: Program, base: str) -> str:
-    name, k = base, 1
-    while hasattr(program.graph_module, name):
-        name, k = f"{base}_{k}", k + 1
-    return name

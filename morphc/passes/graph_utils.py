@@ -52,3 +52,11 @@ def task_reach(program: Program) -> dict[fx.Node, frozenset[str]]:
         for inp in node.all_input_nodes:
             reach[inp] |= reach[node]
     return {n: frozenset(t) for n, t in reach.items()}
+
+
+def fresh_attr(program: Program, base: str) -> str:
+    """An attribute name on the program's GraphModule that nothing uses yet."""
+    name, k = base, 1
+    while hasattr(program.graph_module, name):
+        name, k = f"{base}_{k}", k + 1
+    return name

@@ -97,6 +97,7 @@ class Executable(ABC):
 
     def save_artifacts(self, directory: Path) -> None:
         """Write target-specific files beside the program (none for eager)."""
+        return None
 
     @classmethod
     def load_from(cls, directory: Path, program: Program, report: CompileReport) -> Executable:

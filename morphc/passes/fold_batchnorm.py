@@ -1,0 +1,86 @@
+"""Fold inference-mode batch norm into the convolution or linear layer that feeds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from morphc.ir.metadata import MODULE_PATH_KEY
+from morphc.ir.program import Program
+from morphc.passes.base import Pass, PassResult, register_pass
+from morphc.passes.graph_utils import fresh_attr, remove_unused_tensors
+from morphc.passes.manager import PassContext
+
+aten = torch.ops.aten
+
+
+def _const(program: Program, arg: object) -> torch.Tensor | None:
+    """The tensor behind a get_attr argument, None for a missing optional, else raise LookupError."""
+    if arg is None:
+        return None
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return program.tensor(str(arg.target))
+    raise LookupError
+
+
+@register_pass
+@dataclass(frozen=True)
+class FoldBatchNorm(Pass):
+    """Fold `batch_norm(conv2d(x, W, b))` (inference mode, constant statistics) into one conv2d.
+
+    W' = W * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+    Saves a full pass over the activation per folded layer; exact up to float rounding.
+    """
+
+    name: ClassVar[str] = "fold-batchnorm"
+
+    @torch.no_grad()
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        graph = program.graph
+        folded = 0
+        for bn in list(graph.nodes):
+            if bn.op != "call_function" or bn.target is not aten.batch_norm.default:
+                continue
+            conv = bn.args[0]
+            if not (isinstance(conv, fx.Node) and conv.target is aten.conv2d.default and len(conv.users) == 1):
+                continue
+            training = bn.args[5] if len(bn.args) > 5 else bn.kwargs.get("training", False)
+            if training:
+                continue
+            try:
+                weight = _const(program, conv.args[1])
+                bias = _const(program, conv.args[2] if len(conv.args) > 2 else None)
+                gamma, beta, mean, var = (_const(program, a) for a in bn.args[1:5])
+            except LookupError:
+                continue  # statistics or weights computed at run time: leave alone
+            if weight is None or mean is None or var is None:
+                continue
+            eps = bn.args[7] if len(bn.args) > 7 else 1e-5
+            scale = torch.rsqrt(var.double() + eps)
+            if gamma is not None:
+                scale = scale * gamma.double()
+            new_w = (weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+            base = bias.double() if bias is not None else torch.zeros_like(mean, dtype=torch.float64)
+            new_b = (base - mean.double()) * scale + (beta.double() if beta is not None else 0.0)
+            w_attr = fresh_attr(program, f"{conv.name}_bnfolded_weight")
+            program.graph_module.register_buffer(w_attr, new_w.contiguous())
+            b_attr = fresh_attr(program, f"{conv.name}_bnfolded_bias")
+            program.graph_module.register_buffer(b_attr, new_b.to(weight.dtype).contiguous())
+            with graph.inserting_before(conv):
+                w_node, b_node = graph.get_attr(w_attr), graph.get_attr(b_attr)
+            for n in (w_node, b_node):
+                n.meta[MODULE_PATH_KEY] = conv.meta.get(MODULE_PATH_KEY, "")
+            args = list(conv.args) + [None] * (3 - len(conv.args))
+            args[1], args[2] = w_node, b_node
+            conv.args = tuple(args)
+            bn.replace_all_uses_with(conv)
+            graph.erase_node(bn)
+            folded += 1
+        for node in reversed(list(graph.nodes)):
+            if node.op == "get_attr" and not node.users:
+                graph.erase_node(node)
+        remove_unused_tensors(program)
+        return PassResult(program, modified=folded > 0, statistics={"batchnorms-folded": folded})
