@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 META_KEY = "morphc"  # node.meta[META_KEY] -> NodeMeta
@@ -196,13 +197,34 @@ class _MetadataInterpreter(fx.Interpreter):
 
 
 @torch.no_grad()
-def compute_metadata(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Any:
-    """Run `gm` on `example_inputs`, store a NodeMeta in every node's meta, return the outputs."""
+def compute_metadata(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Store a NodeMeta in every node's meta, from one run of `gm` on `example_inputs`' shapes.
+
+    The run uses fake tensors (shapes and dtypes only, no arithmetic), so refreshing metadata after
+    a pass costs milliseconds even for base-size models; graphs whose shapes depend on values
+    (e.g. `nonzero`) or ops without a fake implementation are run on the real example inputs.
+    """
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_inputs = [mode.from_tensor(t) for t in example_inputs]
+            metas = _run(gm, fake_inputs)
+        if all(isinstance(d, int) for m in metas.values() for o in m.outputs for d in o.shape):
+            _store(metas)
+            return
+    except Exception:  # no fake kernel, data-dependent shape, ...: fall back to real tensors
+        pass
+    _store(_run(gm, list(example_inputs)))
+
+
+def _run(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> dict[fx.Node, NodeMeta]:
     interp = _MetadataInterpreter(gm)
-    result = interp.run(*example_inputs)
-    for node, meta in interp.metas.items():
+    interp.run(*inputs)
+    return interp.metas
+
+
+def _store(metas: dict[fx.Node, NodeMeta]) -> None:
+    for node, meta in metas.items():
         node.meta[META_KEY] = meta
-    return result
 
 
 def node_meta(node: fx.Node) -> NodeMeta:
