@@ -8,6 +8,7 @@ task and module path.
 
 from __future__ import annotations
 
+import operator
 import re
 import traceback
 from collections.abc import Mapping, Sequence
@@ -50,9 +51,11 @@ def lower(
             raise LoweringError(f"task name {name!r} must be an identifier (letters, digits, underscore)")
         if not isinstance(model, torch.nn.Module):
             raise LoweringError(f"task '{name}' is a {type(model).__name__}, not a torch.nn.Module")
-        if model.training:
+        training = next((path for path, m in model.named_modules() if m.training), None)
+        if training is not None:
+            which = f"model '{name}'" if not training else f"submodule '{training}' of model '{name}'"
             raise LoweringError(
-                f"model '{name}' is in training mode; call .eval() before lowering "
+                f"{which} is in training mode; call .eval() on the model before lowering "
                 "(batch norm and dropout would be captured with their training behaviour)"
             )
     exported = {name: export_model(name, model, args, strict=strict) for name, model in tasks.items()}
@@ -108,6 +111,64 @@ def _explain_export_failure(task: str, exc: BaseException) -> str:
     return "\n  ".join(parts)
 
 
+def _view_base(value: object) -> object:
+    """The node a (chain of) view(s) reads from: through args the schema marks as aliased."""
+    while isinstance(value, fx.Node) and value.op == "call_function":
+        if value.target is operator.getitem:
+            value = value.args[0]
+            continue
+        if not isinstance(value.target, torch._ops.OpOverload):
+            break
+        aliased = [i for i, a in enumerate(value.target._schema.arguments) if a.alias_info is not None]
+        if not aliased or aliased[0] >= len(value.args):
+            break
+        value = value.args[aliased[0]]
+    return value
+
+
+def _written_inputs(ep: ExportedProgram) -> list[str]:
+    """Parameters, buffers, constants and inputs the graph updates in place.
+
+    torch.export's training IR keeps such updates as in-place ops (`self.count += 1` becomes
+    aten.add_ on the buffer, `x[0] = 1` a copy_ into a view of the input) instead of reporting
+    them as mutation outputs; a Program running them would change its own weights on every call.
+    """
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    found: list[str] = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            base = _view_base(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+            if isinstance(base, fx.Node) and base.op == "placeholder" and base.name in specs:
+                spec = specs[base.name]
+                name = str(spec.target) if spec.target is not None else f"input '{base.name}'"
+                if name not in found:
+                    found.append(name)
+    return found
+
+
+def _check_operators(task: str, ep: ExportedProgram) -> None:
+    """Refuse what the IR cannot hold: calls that are not ATen operators, e.g. the higher-order
+    operators torch.cond and torch.map (their branches are subgraphs, not ATen nodes)."""
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if node.target is operator.getitem:
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        trace = [ln.strip() for ln in str(node.meta.get("stack_trace") or "").splitlines() if ln.strip()]
+        files = [ln for ln in trace if ln.startswith("File ") and not ln.startswith('File "<')]
+        where = f" at {files[-1]}" if files else ""
+        raise LoweringError(
+            f"model '{task}' calls '{name}'{where}, which morphc cannot lower (only ATen operators can be "
+            "in a Program; higher-order operators such as torch.cond are not supported yet)\n  "
+            "suggestion: compute both branches and select with torch.where"
+        )
+
+
 def _attr_name(qualname: str, taken: set[str]) -> str:
     base = re.sub(r"[^0-9A-Za-z_]", "_", qualname)
     if not base or base[0].isdigit():
@@ -160,9 +221,11 @@ def _splice(exported: dict[str, ExportedProgram], args: tuple[torch.Tensor, ...]
 
     for task, ep in exported.items():
         sig = ep.graph_signature
-        mutations = [s for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
+        _check_operators(task, ep)
+        mutations = [str(s.target) for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
+        mutations += [t for t in _written_inputs(ep) if t not in mutations]
         if mutations:
-            targets = ", ".join(str(s.target) for s in mutations)
+            targets = ", ".join(mutations)
             raise LoweringError(
                 f"model '{task}' mutates state in forward() ({targets}); morphc lowers inference graphs: "
                 "call .eval() and remove in-place updates of buffers or inputs"

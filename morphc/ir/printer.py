@@ -76,7 +76,7 @@ def _trailer(meta: NodeMeta | None, node: fx.Node) -> str:
 def print_node(node: fx.Node) -> str:
     meta: NodeMeta | None = node.meta.get(META_KEY)
     if node.op == "placeholder":
-        return f"input %{node.name} : {_type(meta)}"
+        return f"input %{node.name} : {_type(meta)}{_trailer(None, node)}"
     if node.op == "get_attr":
         source = meta.module_path if meta else node.target
         return f"%{node.name} : {_type(meta)} = param \"{source}\"{_trailer(None, node)}"

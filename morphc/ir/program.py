@@ -156,6 +156,9 @@ class Program:
         # graph_copy copies node.meta shallowly: metadata and annotations are frozen values
         out = graph.output(graph.graph_copy(self.graph, {}))
         out.meta.update(self.output_node.meta)
+        for node in graph.nodes:  # annotation dicts are mutable: give the copy its own
+            if ANNOTATIONS_KEY in node.meta:
+                node.meta[ANNOTATIONS_KEY] = dict(node.meta[ANNOTATIONS_KEY])
         gm = fx.GraphModule(self.graph_module, graph)
         return Program(gm, self.inputs, self.outputs, self.example_inputs, self.annotations, compute_meta=False)
 

@@ -160,7 +160,9 @@ def load(path: str | Path) -> Program:
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            # clone: safetensors hands out tensors at unaligned addresses, on which CPU kernels take
+            # other paths (slower, and rounding differently from the program that was saved)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise SerializationError(f"'{path}' is not a readable safetensors file: {exc}") from exc
     if meta.get("format") != FORMAT:
@@ -173,6 +175,10 @@ def load(path: str | Path) -> Program:
         return _rebuild(doc, tensors)
     except (KeyError, TypeError, ValueError) as exc:
         raise SerializationError(f"'{path}' holds an incomplete program description: {exc!r}") from exc
+    except RuntimeError as exc:  # metadata is computed by running the graph on the saved example inputs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SerializationError(f"'{path}' holds a program that does not run on its own example inputs "
+                                 f"(tensors that do not fit the graph?): {first}") from exc
 
 
 def _rebuild(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Program:

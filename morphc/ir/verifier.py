@@ -59,6 +59,9 @@ def _check_structure(program: Program) -> list[str]:
                                 "and operator.getitem are allowed in the IR")
         elif node.op in ("call_module", "call_method"):
             problems.append(f"{_where(node)}: {node.op} nodes are not part of the IR; lower to ATen operators")
+    if not problems and program.graph.python_code(root_module="self").src != program.graph_module.code:
+        problems.append("the GraphModule's generated code is stale: the graph was changed without "
+                        "Program.mark_modified() (did a pass rewrite it but return modified=False?)")
     return problems
 
 
@@ -78,7 +81,7 @@ def _check_metadata(program: Program) -> list[str]:
     for spec, ph in zip(program.inputs, program.placeholders()):
         meta = ph.meta.get(META_KEY)
         if meta is not None and meta.outputs != (TensorMeta(spec.shape, spec.dtype),):
-            problems.append(f"input %{ph.name} computes {meta.outputs} but is declared {spec}")
+            problems.append(f"input %{ph.name} computes {', '.join(map(str, meta.outputs))} but is declared {spec}")
     leaves = program.output_node.args[0] if program.output_node.args else ()
     for spec, leaf in zip(program.outputs, leaves):
         meta = leaf.meta.get(META_KEY) if isinstance(leaf, fx.Node) else None

@@ -79,8 +79,10 @@ class FoldBatchNorm(Pass):
             bn.replace_all_uses_with(conv)
             graph.erase_node(bn)
             folded += 1
+        removed = 0
         for node in reversed(list(graph.nodes)):
             if node.op == "get_attr" and not node.users:
                 graph.erase_node(node)
+                removed += 1
         remove_unused_tensors(program)
-        return PassResult(program, modified=folded > 0, statistics={"batchnorms-folded": folded})
+        return PassResult(program, modified=folded > 0 or removed > 0, statistics={"batchnorms-folded": folded})

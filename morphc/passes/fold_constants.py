@@ -12,7 +12,7 @@ from morphc.errors import PassOptionError
 from morphc.ir.metadata import MODULE_PATH_KEY
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, option, register_pass
-from morphc.passes.graph_utils import fresh_attr, is_pure, remove_unused_tensors
+from morphc.passes.graph_utils import fresh_attr, is_pure, mutated_values, remove_unused_tensors
 from morphc.passes.manager import PassContext
 
 
@@ -43,11 +43,17 @@ class FoldConstants(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         graph = program.graph
         env: dict[fx.Node, Any] = {}
+        mutated = mutated_values(program)  # values updated in place are not constants
         for node in graph.nodes:
+            if node in mutated:
+                continue
             if node.op == "get_attr":
                 env[node] = program.tensor(str(node.target))
             elif is_pure(node) and all(i in env for i in node.all_input_nodes):
                 env[node] = _run_node(program, node, env)
+        for leaf in program.output_node.all_input_nodes:
+            if leaf.op != "get_attr":  # an output stays a new tensor per call (callers may update it in
+                env.pop(leaf, None)  # place): fold what it reads, not the output itself
         limit = self.max_mb * 1e6
         folded = folded_bytes = 0
         for node, value in env.items():

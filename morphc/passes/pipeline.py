@@ -84,6 +84,7 @@ def _parse_pass(sc: _Scanner) -> Pass:
     except UnknownPassError as exc:
         raise PipelineSyntaxError(str(exc), sc.text, start + 1) from None
     values: dict[str, str] = {}
+    positions: dict[str, tuple[int, int]] = {}  # option key -> (key column, value column), 0-based
     if sc.peek() == "{":
         sc.pos += 1
         if sc.peek() != "}":
@@ -92,12 +93,22 @@ def _parse_pass(sc: _Scanner) -> Pass:
                 if key in values:
                     raise sc.error(f"option '{key}' of pass '{name}' is given twice", key_start)
                 sc.expect("=", f"after option name '{key}'")
+                sc.skip_ws()
+                positions[key] = (key_start, sc.pos)
                 values[key] = sc.value(key)
                 if sc.peek() == ",":
                     sc.pos += 1
                     continue
                 break
         sc.expect("}", f"to close the options of pass '{name}'")
+    infos = {o.key: o for o in cls.options()}
+    for key, (key_pos, value_pos) in positions.items():  # point at the offending option or value
+        try:
+            if key not in infos:
+                cls.from_options({key: values[key]})  # raises, listing the valid options
+            infos[key].parse(name, values[key])
+        except PassOptionError as exc:
+            raise PipelineSyntaxError(str(exc), sc.text, (value_pos if key in infos else key_pos) + 1) from None
     try:
         return cls.from_options(values)
     except PassOptionError as exc:
