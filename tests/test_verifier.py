@@ -114,6 +114,16 @@ def test_non_aten_call_function(program: Program) -> None:
     assert "only ATen operators" in problem
 
 
+def test_in_place_operator(program: Program) -> None:
+    relu = program.node("age_relu")
+    with program.graph.inserting_after(relu):
+        program.graph.call_function(torch.ops.aten.sigmoid_.default, (relu,))
+    program.mark_modified()
+    (problem,) = problems_of(program)
+    assert problem.startswith("node %sigmoid__default (call_function sigmoid_.default) updates a tensor in place")
+    assert "the IR is functional" in problem
+
+
 def test_getitem_is_allowed(program: Program) -> None:
     import operator
 

@@ -66,9 +66,20 @@ def export_model(task: str, model: torch.nn.Module, args: tuple[torch.Tensor, ..
     """torch.export one model; failures become a LoweringError naming the op/line and a fix."""
     try:
         with torch.no_grad():
-            return torch.export.export(model, args, strict=strict)
+            ep = torch.export.export(model, args, strict=strict)
     except Exception as exc:  # torch raises many unrelated types here
         raise LoweringError(_explain_export_failure(task, exc)) from exc
+    _check_operators(task, ep)
+    if not any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in ep.graph.nodes):
+        return ep  # already functional: skip the re-trace
+    # Functionalize (in-place ops become pure ones, state updates become mutation outputs) while
+    # keeping whole ATen ops such as conv2d, linear, layer_norm and scaled_dot_product_attention.
+    try:
+        return ep.run_decompositions({})
+    except Exception as exc:
+        raise LoweringError(f"torch.export captured model '{task}' but could not functionalize it: "
+                            f"{type(exc).__name__}: {exc}") from exc
 
 
 _HINTS: tuple[tuple[str, str], ...] = (
@@ -109,45 +120,6 @@ def _explain_export_failure(task: str, exc: BaseException) -> str:
         parts.append(f"at {where}")
     parts.append(f"suggestion: {hint}")
     return "\n  ".join(parts)
-
-
-def _view_base(value: object) -> object:
-    """The node a (chain of) view(s) reads from: through args the schema marks as aliased."""
-    while isinstance(value, fx.Node) and value.op == "call_function":
-        if value.target is operator.getitem:
-            value = value.args[0]
-            continue
-        if not isinstance(value.target, torch._ops.OpOverload):
-            break
-        aliased = [i for i, a in enumerate(value.target._schema.arguments) if a.alias_info is not None]
-        if not aliased or aliased[0] >= len(value.args):
-            break
-        value = value.args[aliased[0]]
-    return value
-
-
-def _written_inputs(ep: ExportedProgram) -> list[str]:
-    """Parameters, buffers, constants and inputs the graph updates in place.
-
-    torch.export's training IR keeps such updates as in-place ops (`self.count += 1` becomes
-    aten.add_ on the buffer, `x[0] = 1` a copy_ into a view of the input) instead of reporting
-    them as mutation outputs; a Program running them would change its own weights on every call.
-    """
-    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
-    found: list[str] = []
-    for node in ep.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        for i, arg in enumerate(node.target._schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            base = _view_base(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
-            if isinstance(base, fx.Node) and base.op == "placeholder" and base.name in specs:
-                spec = specs[base.name]
-                name = str(spec.target) if spec.target is not None else f"input '{base.name}'"
-                if name not in found:
-                    found.append(name)
-    return found
 
 
 def _check_operators(task: str, ep: ExportedProgram) -> None:
@@ -221,9 +193,8 @@ def _splice(exported: dict[str, ExportedProgram], args: tuple[torch.Tensor, ...]
 
     for task, ep in exported.items():
         sig = ep.graph_signature
-        _check_operators(task, ep)
-        mutations = [str(s.target) for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
-        mutations += [t for t in _written_inputs(ep) if t not in mutations]
+        mutations = [f"input '{s.target}'" if s.kind == OutputKind.USER_INPUT_MUTATION else str(s.target)
+                     for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
         if mutations:
             targets = ", ".join(mutations)
             raise LoweringError(

@@ -57,6 +57,9 @@ def _check_structure(program: Program) -> list[str]:
             if not isinstance(node.target, torch._ops.OpOverload) and node.target not in ALLOWED_PYTHON_TARGETS:
                 problems.append(f"{_where(node)} calls {node.target!r}: only ATen operators (torch.ops.aten.*) "
                                 "and operator.getitem are allowed in the IR")
+            elif isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+                problems.append(f"{_where(node)} updates a tensor in place: the IR is functional (lowering "
+                                "functionalizes); use the out-of-place operator")
         elif node.op in ("call_module", "call_method"):
             problems.append(f"{_where(node)}: {node.op} nodes are not part of the IR; lower to ATen operators")
     if not problems and program.graph.python_code(root_module="self").src != program.graph_module.code:

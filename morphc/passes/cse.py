@@ -19,7 +19,7 @@ import torch.fx as fx
 from morphc.ir.annotations import SharedBy
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, register_pass
-from morphc.passes.graph_utils import is_pure, mutated_values, remove_unused_tensors, task_reach
+from morphc.passes.graph_utils import is_pure, remove_unused_tensors, task_reach
 from morphc.passes.manager import PassContext
 
 
@@ -67,10 +67,7 @@ class CommonSubexpressionElimination(Pass):
         canonical: dict[Any, fx.Node] = {}
         merged_params = merged_ops = 0
         absorbed: set[fx.Node] = set()
-        mutated = mutated_values(program)
         for node in list(program.graph.nodes):
-            if node in mutated or any(i in mutated for i in node.all_input_nodes):
-                continue  # updated in place, or reads a value that is: equal keys, different values
             if node.op == "get_attr":
                 key = param_keys[node]
             elif is_pure(node):

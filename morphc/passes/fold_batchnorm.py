@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +27,32 @@ def _const(program: Program, arg: object) -> torch.Tensor | None:
     raise LookupError
 
 
+def _match_batchnorm(node: fx.Node) -> tuple[fx.Node, tuple, float] | None:
+    """(node holding the normalized value, (gamma, beta, mean, var) args, eps) for inference batch norm.
+
+    Functionalized graphs hold `getitem(_native_batch_norm_legit_no_training(...), 0)`; the
+    training-IR form `batch_norm(..., training=False, ...)` is accepted too.
+    """
+    if node.op != "call_function":
+        return None
+    if node.target is aten._native_batch_norm_legit_no_training.default:
+        users = list(node.users)
+        if not all(u.target is operator.getitem for u in users):
+            return None
+        outs = [u for u in users if u.args[1] == 0]
+        if len(outs) != 1 or any(u.users for u in users if u.args[1] != 0):
+            return None
+        eps = node.args[6] if len(node.args) > 6 else node.kwargs.get("eps", 1e-5)
+        return outs[0], tuple(node.args[1:5]), float(eps)
+    if node.target is aten.batch_norm.default:
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        if training:
+            return None
+        eps = node.args[7] if len(node.args) > 7 else node.kwargs.get("eps", 1e-5)
+        return node, tuple(node.args[1:5]), float(eps)
+    return None
+
+
 @register_pass
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
@@ -42,23 +69,21 @@ class FoldBatchNorm(Pass):
         graph = program.graph
         folded = 0
         for bn in list(graph.nodes):
-            if bn.op != "call_function" or bn.target is not aten.batch_norm.default:
+            match = _match_batchnorm(bn)
+            if match is None:
                 continue
+            result, (gamma_arg, beta_arg, mean_arg, var_arg), eps = match
             conv = bn.args[0]
             if not (isinstance(conv, fx.Node) and conv.target is aten.conv2d.default and len(conv.users) == 1):
-                continue
-            training = bn.args[5] if len(bn.args) > 5 else bn.kwargs.get("training", False)
-            if training:
                 continue
             try:
                 weight = _const(program, conv.args[1])
                 bias = _const(program, conv.args[2] if len(conv.args) > 2 else None)
-                gamma, beta, mean, var = (_const(program, a) for a in bn.args[1:5])
+                gamma, beta, mean, var = (_const(program, a) for a in (gamma_arg, beta_arg, mean_arg, var_arg))
             except LookupError:
                 continue  # statistics or weights computed at run time: leave alone
             if weight is None or mean is None or var is None:
                 continue
-            eps = bn.args[7] if len(bn.args) > 7 else 1e-5
             scale = torch.rsqrt(var.double() + eps)
             if gamma is not None:
                 scale = scale * gamma.double()
@@ -76,8 +101,9 @@ class FoldBatchNorm(Pass):
             args = list(conv.args) + [None] * (3 - len(conv.args))
             args[1], args[2] = w_node, b_node
             conv.args = tuple(args)
-            bn.replace_all_uses_with(conv)
-            graph.erase_node(bn)
+            result.replace_all_uses_with(conv)
+            for node in [*bn.users, bn]:
+                graph.erase_node(node)
             folded += 1
         removed = 0
         for node in reversed(list(graph.nodes)):

@@ -12,7 +12,7 @@ from morphc.errors import PassOptionError
 from morphc.ir.metadata import MODULE_PATH_KEY
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, option, register_pass
-from morphc.passes.graph_utils import fresh_attr, is_pure, mutated_values, remove_unused_tensors
+from morphc.passes.graph_utils import fresh_attr, is_pure, remove_unused_tensors
 from morphc.passes.manager import PassContext
 
 
@@ -43,10 +43,7 @@ class FoldConstants(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         graph = program.graph
         env: dict[fx.Node, Any] = {}
-        mutated = mutated_values(program)  # values updated in place are not constants
         for node in graph.nodes:
-            if node in mutated:
-                continue
             if node.op == "get_attr":
                 env[node] = program.tensor(str(node.target))
             elif is_pure(node) and all(i in env for i in node.all_input_nodes):

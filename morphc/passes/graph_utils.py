@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -28,52 +27,6 @@ def is_pure(node: fx.Node) -> bool:
     if op._schema.is_mutable or any(tag in op.tags for tag in _IMPURE_TAGS):
         return False
     return op._schema.name.split("::")[-1] not in ("empty", "empty_like", "empty_strided", "_assert_tensor_metadata")
-
-
-def _inputs_by_argument(node: fx.Node) -> list[tuple[Any, fx.Node]]:
-    """(schema argument, input node) for each input of an ATen call; argument None without a schema."""
-    op = node.target
-    if not isinstance(op, torch._ops.OpOverload):
-        return [(None, n) for n in node.all_input_nodes]
-    out: list[tuple[Any, fx.Node]] = []
-    for i, arg in enumerate(op._schema.arguments):
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        fx.node.map_arg(value, lambda n, arg=arg: out.append((arg, n)))
-    return out
-
-
-def mutated_values(program: Program) -> set[fx.Node]:
-    """Nodes whose value some node updates in place, directly or through an alias (a view, an
-    in-place op's result, a getitem of a view list), and those aliases.
-
-    torch.export keeps in-place ops (`nn.ReLU(inplace=True)` -> aten.relu_, `x += y` ->
-    aten.add_): such values differ before and after the update, so passes must neither merge,
-    precompute nor reorder them, nor merge nodes reading them.
-    """
-    parent: dict[fx.Node, fx.Node] = {}
-
-    def find(n: fx.Node) -> fx.Node:
-        while parent.get(n, n) is not n:
-            n = parent[n]
-        return n
-
-    written: list[fx.Node] = []
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is operator.getitem:  # an element of a tuple/list that may hold views
-            aliased = list(node.all_input_nodes)
-        else:
-            # arguments annotated Tensor(a) / Tensor(a!) alias the result; without a schema
-            # (a non-ATen call) assume the worst: aliased and written
-            pairs = _inputs_by_argument(node)
-            aliased = [n for arg, n in pairs if arg is None or arg.alias_info is not None]
-            written += [n for arg, n in pairs
-                        if arg is None or (arg.alias_info is not None and arg.alias_info.is_write)]
-        for n in aliased:
-            parent[find(n)] = find(node)
-    roots = {find(n) for n in written}
-    return {n for n in program.graph.nodes if find(n) in roots}
 
 
 def remove_unused_tensors(program: Program) -> int:
