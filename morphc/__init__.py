@@ -2,7 +2,7 @@
 
     import morphc as mc
     prog = mc.lower({"age": age_net, "gender": gender_net}, example_inputs)
-    exe = mc.Pipeline.parse("fold-batchnorm,fold-constants,cse,dce,compile{target=eager}").run(prog)
+    exe = mc.Pipeline.parse("canonicalize,fold-batchnorm,fold-constants,cse,dce,compile{target=eager}").run(prog)
     outputs = exe(images)   # {"age": ..., "gender": ...}
 """
 

@@ -22,6 +22,9 @@ def n_modules(module: nn.Module, kind: type[nn.Module]) -> int:
     return sum(isinstance(m, kind) for m in module.modules())
 
 
+BATCH_NORM = "_native_batch_norm_legit_no_training"  # eval batch norm in the functional IR
+
+
 def run(program: Program, text: str, **ctx: object) -> Program:
     ctx.setdefault("verify_each", True)
     ctx.setdefault("reproducer_dir", None)
@@ -52,7 +55,7 @@ def test_cse_runs_the_shared_prefix_once(twins) -> None:
     assert count_ops(program, "conv2d") == 2 * prefix_convs + 1
     result = run(program, "cse")
     assert count_ops(result, "conv2d") == prefix_convs + 1
-    assert count_ops(result, "batch_norm") == prefix_convs + 1
+    assert count_ops(result, BATCH_NORM) == prefix_convs + 1
     assert count_ops(result, "linear") == n_linear  # heads differ: nothing merged there
 
     # at run time too: the merged program executes each prefix convolution once
@@ -223,7 +226,7 @@ def test_dce_keeps_live_and_impure_nodes() -> None:
     program.mark_modified()
     result = run(program, "dce")
     assert count_ops(result, "rand_like") == 1
-    assert count_ops(result, "linear") == 1 and count_ops(result, "batch_norm") == 1
+    assert count_ops(result, "linear") == 1 and count_ops(result, BATCH_NORM) == 1
     again = run(result, "dce")
     assert len(again.graph.nodes) == len(result.graph.nodes)  # nothing left to remove
 
@@ -363,8 +366,8 @@ def test_fold_constants_leaves_nondeterministic_and_input_dependent_nodes() -> N
 def test_fold_batchnorm_removes_batch_norms_after_convs(twins) -> None:
     models, inputs, program = twins
     result = run(program, "fold-batchnorm")
-    assert count_ops(program, "batch_norm") == count_ops(program, "conv2d") == 13
-    assert count_ops(result, "batch_norm") == 0
+    assert count_ops(program, BATCH_NORM) == count_ops(program, "conv2d") == 13
+    assert count_ops(result, BATCH_NORM) == 0
     assert count_ops(result, "conv2d") == 13
     assert_outputs_close(result(*inputs), expected_outputs(models, *inputs), atol=1e-4, rtol=1e-4)
 
@@ -438,3 +441,44 @@ def test_pipeline_history_is_recorded(twins) -> None:
     assert '@pipeline-history(pipelines=("fold-constants{max-mb=1.0},cse", "dce"))' in str(second)
     empty = run(program, "")
     assert empty.annotation(PipelineHistory) == PipelineHistory(("",))
+
+
+class NoOps(nn.Module):
+    """Eval dropout, a cast to the dtype it has, a reshape to the shape it has, and a returned copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = self.drop(self.fc(x)).to(torch.float32).reshape(2, 4)
+        return torch.tanh(y), y, y.clone()
+
+
+def test_canonicalize_removes_ops_that_compute_nothing() -> None:
+    model = NoOps().eval()
+    x = torch.randn(2, 4)
+    program = morphc.lower(model, x)
+    assert count_ops(program, "clone") == 2  # eval dropout became a clone, plus the returned copy
+    result = run(program, "canonicalize")
+    assert count_ops(result, "clone") == 1  # the returned copy stays: outputs never alias
+    assert count_ops(result, "reshape") + count_ops(result, "view") == 0
+    assert count_ops(result, "_to_copy") == 0
+    out = result(x)
+    expected = model(x)
+    torch.testing.assert_close(out["model.0"], expected[0])
+    torch.testing.assert_close(out["model.1"], expected[1])
+    torch.testing.assert_close(out["model.2"], expected[2])
+    assert out["model.1"].data_ptr() != out["model.2"].data_ptr()  # the returned copy is still a copy
+
+
+def test_canonicalize_keeps_casts_and_reshapes_that_change_something() -> None:
+    class Casts(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float64).reshape(8) * 2
+
+    program = morphc.lower(Casts().eval(), torch.randn(2, 4))
+    result = run(program, "canonicalize")
+    assert count_ops(result, "_to_copy") == 1
+    assert count_ops(result, "reshape") + count_ops(result, "view") == 1

@@ -111,9 +111,9 @@ def test_multi_output_nodes_literals_and_structured_outputs() -> None:
     lines = text.splitlines()
     assert "  %parts_split : (f32[3, 2], f32[3, 2]) = aten.split.Tensor(%x, 2, 1)  # shape parts" in lines
     assert "  %parts_getitem : f32[3, 2] = getitem(%parts_split, 0)  # shape parts" in lines
-    assert "  %parts_to : f64[3, 2] = aten.to.dtype(%parts_getitem, f64)  # elementwise parts" in lines
+    assert "  %parts__to_copy : f64[3, 2] = aten._to_copy(%parts_getitem, dtype=f64)  # elementwise parts" in lines
     assert "  %parts_sum_1 : f32[3, 1] = aten.sum.dim_IntList(%parts_getitem_1, [1], True)  # reduction parts" in lines
-    assert lines[-1] == "  return parts.first=%parts_to, parts.second=%parts_sum_1"
+    assert lines[-1] == "  return parts.first=%parts__to_copy, parts.second=%parts_sum_1"
 
 
 def test_annotations_print_on_every_kind_of_node(program: Program) -> None:

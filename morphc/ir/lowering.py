@@ -70,11 +70,9 @@ def export_model(task: str, model: torch.nn.Module, args: tuple[torch.Tensor, ..
     except Exception as exc:  # torch raises many unrelated types here
         raise LoweringError(_explain_export_failure(task, exc)) from exc
     _check_operators(task, ep)
-    if not any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-               for n in ep.graph.nodes):
-        return ep  # already functional: skip the re-trace
-    # Functionalize (in-place ops become pure ones, state updates become mutation outputs) while
-    # keeping whole ATen ops such as conv2d, linear, layer_norm and scaled_dot_product_attention.
+    # Functionalize (in-place ops become pure ones, state updates become mutation outputs, eval
+    # dropout a clone, `to` a _to_copy, shape assertions go) while keeping whole ATen ops such as
+    # conv2d, linear, layer_norm and scaled_dot_product_attention: one canonical form for passes.
     try:
         return ep.run_decompositions({})
     except Exception as exc:

@@ -1,7 +1,7 @@
 """Passes: the Pass base and registry, pipeline text, the PassManager and its instruments, and
 the built-in passes (imported here so that they register)."""
 
-from morphc.passes import cse, dce, fold_batchnorm, fold_constants  # noqa: F401  (registration)
+from morphc.passes import canonicalize, cse, dce, fold_batchnorm, fold_constants  # noqa: F401  (registration)
 from morphc.passes.base import Pass, PassResult, get_pass, option, register_pass, registered_passes
 from morphc.passes.instruments import DumpIR, PassInstrument, PassStatistics, PassTiming, PrintIR
 from morphc.passes.manager import PassContext, PassManager

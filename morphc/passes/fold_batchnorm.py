@@ -28,35 +28,24 @@ def _const(program: Program, arg: object) -> torch.Tensor | None:
 
 
 def _match_batchnorm(node: fx.Node) -> tuple[fx.Node, tuple, float] | None:
-    """(node holding the normalized value, (gamma, beta, mean, var) args, eps) for inference batch norm.
-
-    Functionalized graphs hold `getitem(_native_batch_norm_legit_no_training(...), 0)`; the
-    training-IR form `batch_norm(..., training=False, ...)` is accepted too.
-    """
-    if node.op != "call_function":
+    """(node holding the normalized value, (gamma, beta, mean, var) args, eps) for inference batch
+    norm, which functionalized graphs hold as `getitem(_native_batch_norm_legit_no_training(...), 0)`."""
+    if node.op != "call_function" or node.target is not aten._native_batch_norm_legit_no_training.default:
         return None
-    if node.target is aten._native_batch_norm_legit_no_training.default:
-        users = list(node.users)
-        if not all(u.target is operator.getitem for u in users):
-            return None
-        outs = [u for u in users if u.args[1] == 0]
-        if len(outs) != 1 or any(u.users for u in users if u.args[1] != 0):
-            return None
-        eps = node.args[6] if len(node.args) > 6 else node.kwargs.get("eps", 1e-5)
-        return outs[0], tuple(node.args[1:5]), float(eps)
-    if node.target is aten.batch_norm.default:
-        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
-        if training:
-            return None
-        eps = node.args[7] if len(node.args) > 7 else node.kwargs.get("eps", 1e-5)
-        return node, tuple(node.args[1:5]), float(eps)
-    return None
+    users = list(node.users)
+    if not all(u.target is operator.getitem for u in users):
+        return None
+    outs = [u for u in users if u.args[1] == 0]
+    if len(outs) != 1 or any(u.users for u in users if u.args[1] != 0):
+        return None
+    eps = node.args[6] if len(node.args) > 6 else node.kwargs.get("eps", 1e-5)
+    return outs[0], tuple(node.args[1:5]), float(eps)
 
 
 @register_pass
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
-    """Fold `batch_norm(conv2d(x, W, b))` (inference mode, constant statistics) into one conv2d.
+    """Fold inference batch norm after a conv2d (constant statistics) into the conv2d.
 
     W' = W * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma / sqrt(var + eps) + beta.
     Saves a full pass over the activation per folded layer; exact up to float rounding.

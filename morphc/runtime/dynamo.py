@@ -10,8 +10,9 @@ Inference only: compiled graphs run under `torch.no_grad()`.
 Options (unknown keys, wrong types, an unknown target or malformed pipeline text raise
 BackendOptionError / PipelineSyntaxError: configuration mistakes are reported, never hidden):
 
-    pipeline     pipeline text run before compiling (default "fold-batchnorm,fold-constants,cse,dce"); it must
-                 not contain the terminal `compile` pass: the backend adds it from `target`
+    pipeline     pipeline text run before compiling (default DEFAULT_PIPELINE:
+                 "canonicalize,fold-batchnorm,fold-constants,cse,dce"); it must not contain
+                 the terminal `compile` pass: the backend adds it from `target`
     target       compile target, one of `morphc.runtime.targets()` (default "eager")
     strict       raise on any failure (default False: warn naming the failing stage and run the
                  graph as Dynamo captured it, which is always correct)
@@ -50,7 +51,7 @@ from morphc.passes.pipeline import Pipeline
 from morphc.runtime.compile_pass import Compile
 from morphc.runtime.executable import Executable, max_abs_difference, targets
 
-DEFAULT_PIPELINE = "fold-batchnorm,fold-constants,cse,dce"
+DEFAULT_PIPELINE = "canonicalize,fold-batchnorm,fold-constants,cse,dce"
 ATOL, RTOL = 1e-4, 1e-4  # the check of compiled outputs against the captured graph
 
 
