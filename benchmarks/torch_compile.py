@@ -2,8 +2,9 @@
 
 For each model and batch size: compile time (wall time of the first call: Dynamo tracing plus the
 backend, plus that first run) and per-call latency of the three, timed side by side in this
-process, with speedups over eager. morphc runs its default pipeline (canonicalize,fold-batchnorm,fold-constants,cse,dce) and
-the eager target, so its latency shows the cost or gain of running the optimized ATen graph.
+process, with speedups over eager. morphc runs its default pipeline
+(canonicalize,fold-batchnorm,fold-constants,cse,dce) and the eager target, so its latency shows
+the cost or gain of running the optimized ATen graph.
 
     python benchmarks/torch_compile.py                  # the zoo's small models
     python benchmarks/torch_compile.py --base           # resnet50, bert-base, mobilenet_v2-imagenet, minilm

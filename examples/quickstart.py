@@ -3,7 +3,7 @@
 Runs on the embedded defaults (CPU, eager target, no database needed) and writes a Markdown report
 with a plot to out/quickstart/. Steps:
   1. lower two separately built task models (same input) into one morphc Program;
-  2. run `canonicalize,fold-batchnorm,fold-constants,cse,dce,compile{target=eager}` with IR verification and pass timing;
+  2. run the default pipeline plus `compile{target=eager}`, with IR verification and pass timing;
   3. check the executable against the original models and time both side by side;
   4. save the executable, load it back without the model code, check it again;
   5. use morphc as a torch.compile backend on a small BERT and check it against eager.
@@ -21,6 +21,8 @@ import torch
 
 import morphc as mc
 from morphc import zoo
+
+PIPELINE = "canonicalize,fold-batchnorm,fold-constants,cse,dce"
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5) -> float:
@@ -51,7 +53,7 @@ def main() -> None:
 
     # 2. the pipeline, verified after every pass, timed per pass
     timing = mc.PassTiming()
-    pipeline = mc.Pipeline.parse("canonicalize,fold-batchnorm,fold-constants,cse,dce,compile{target=eager}")
+    pipeline = mc.Pipeline.parse(f"{PIPELINE},compile{{target=eager}}")
     exe = pipeline.run(program, mc.PassContext(verify_each=True, instruments=[timing]))
     print(timing.report())
 
@@ -73,7 +75,7 @@ def main() -> None:
 
     # 5. torch.compile backend on a small BERT
     bert = zoo.build("bert-small")
-    compiled = torch.compile(bert.model, backend="morphc", options={"pipeline": "canonicalize,fold-batchnorm,fold-constants,cse,dce"})
+    compiled = torch.compile(bert.model, backend="morphc", options={"pipeline": PIPELINE})
     bert_err = (compiled(*bert.example_inputs) - bert.model(*bert.example_inputs)).abs().max().item()
     print(f"torch.compile(backend='morphc') on bert-small: max |diff| vs eager = {bert_err:.2e}")
     assert bert_err < 1e-4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import re
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -74,7 +75,9 @@ def export_model(task: str, model: torch.nn.Module, args: tuple[torch.Tensor, ..
     # dropout a clone, `to` a _to_copy, shape assertions go) while keeping whole ATen ops such as
     # conv2d, linear, layer_norm and scaled_dot_product_attention: one canonical form for passes.
     try:
-        return ep.run_decompositions({})
+        with warnings.catch_warnings():  # torch's own deprecation noise from copying tree specs
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
+            return ep.run_decompositions({})
     except Exception as exc:
         raise LoweringError(f"torch.export captured model '{task}' but could not functionalize it: "
                             f"{type(exc).__name__}: {exc}") from exc
