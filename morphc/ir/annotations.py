@@ -80,10 +80,6 @@ def annotation_from_json(data: dict[str, Any]) -> Annotation:
         raise SerializationError(f"annotation '{kind}' cannot be rebuilt from {data}: {exc}") from exc
 
 
-def registered_annotations() -> dict[str, type[Annotation]]:
-    return dict(_REGISTRY)
-
-
 # --- annotation kinds the core itself writes -------------------------------------------------
 
 

@@ -3,11 +3,11 @@ the built-in passes (imported here so that they register)."""
 
 from morphc.passes import canonicalize, cse, dce, fold_batchnorm, fold_constants  # noqa: F401  (registration)
 from morphc.passes.base import Pass, PassResult, get_pass, option, register_pass, registered_passes
-from morphc.passes.instruments import DumpIR, PassInstrument, PassStatistics, PassTiming, PrintIR
+from morphc.passes.instruments import DumpIR, PassInstrument, PassTiming, PrintIR
 from morphc.passes.manager import PassContext, PassManager
 from morphc.passes.pipeline import Pipeline
 
 __all__ = [
-    "DumpIR", "Pass", "PassContext", "PassInstrument", "PassManager", "PassResult", "PassStatistics",
+    "DumpIR", "Pass", "PassContext", "PassInstrument", "PassManager", "PassResult",
     "PassTiming", "Pipeline", "PrintIR", "get_pass", "option", "register_pass", "registered_passes",
 ]

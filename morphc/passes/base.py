@@ -150,9 +150,6 @@ class Pass(ABC):
                 if getattr(self, o.field_name) != o.default]
         return f"{self.name}{{{','.join(opts)}}}" if opts else self.name
 
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
 P = TypeVar("P", bound=type[Pass])

@@ -43,7 +43,7 @@ class PassRecord:
 
 @dataclass
 class PassTiming(PassInstrument):
-    """Wall time of each pass (and of the metadata refresh the manager runs after a change)."""
+    """Wall time, node counts and statistics of each pass (the metadata refresh after a change included)."""
 
     records: list[PassRecord] = field(default_factory=list)
     _nodes_before: int = 0
@@ -69,10 +69,6 @@ class PassTiming(PassInstrument):
                          f"{r.nodes_before}->{r.nodes_after}  {stats}".rstrip())
         lines.append(f"{'total':<{width}}  {total * 1e3:9.2f}")
         return "\n".join(lines)
-
-
-# Statistics are PassTiming's records; the alias keeps the name users look for.
-PassStatistics = PassTiming
 
 
 @dataclass
