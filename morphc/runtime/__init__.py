@@ -1,6 +1,6 @@
 """Runtime: executables for each target, the compile pass, and the torch.compile backend."""
 
-from morphc.runtime import compile_pass, eager  # noqa: F401  (registration)
+from morphc.runtime import compile_pass, eager, onnx_runtime  # noqa: F401  (registration)
 from morphc.runtime.executable import (
     CompileError,
     CompileReport,
