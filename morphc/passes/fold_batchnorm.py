@@ -12,7 +12,7 @@ import torch.fx as fx
 from morphc.ir.metadata import MODULE_PATH_KEY
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, register_pass
-from morphc.passes.graph_utils import fresh_attr, remove_unused_tensors
+from morphc.passes.graph_utils import fresh_attr, remove_unused_params
 from morphc.passes.manager import PassContext
 
 aten = torch.ops.aten
@@ -94,10 +94,5 @@ class FoldBatchNorm(Pass):
             for node in [*bn.users, bn]:
                 graph.erase_node(node)
             folded += 1
-        removed = 0
-        for node in reversed(list(graph.nodes)):
-            if node.op == "get_attr" and not node.users:
-                graph.erase_node(node)
-                removed += 1
-        remove_unused_tensors(program)
+        removed = remove_unused_params(program)
         return PassResult(program, modified=folded > 0 or removed > 0, statistics={"batchnorms-folded": folded})

@@ -12,7 +12,7 @@ from morphc.errors import PassOptionError
 from morphc.ir.metadata import MODULE_PATH_KEY
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, option, register_pass
-from morphc.passes.graph_utils import fresh_attr, is_pure, remove_unused_tensors
+from morphc.passes.graph_utils import fresh_attr, is_pure, remove_unused_params
 from morphc.passes.manager import PassContext
 
 
@@ -74,11 +74,7 @@ class FoldConstants(Pass):
             if node in env and node.op != "get_attr" and not node.users:
                 graph.erase_node(node)
                 removed += 1
-        for node in reversed(list(graph.nodes)):
-            if node.op == "get_attr" and not node.users:
-                graph.erase_node(node)
-                removed += 1
-        remove_unused_tensors(program)
+        removed += remove_unused_params(program)
         return PassResult(program, modified=folded > 0 or removed > 0,
                           statistics={"values-folded": folded, "nodes-removed": removed, "folded-bytes": folded_bytes})
 

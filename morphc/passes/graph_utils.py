@@ -29,6 +29,17 @@ def is_pure(node: fx.Node) -> bool:
     return op._schema.name.split("::")[-1] not in ("empty", "empty_like", "empty_strided", "_assert_tensor_metadata")
 
 
+def remove_unused_params(program: Program) -> int:
+    """Erase get_attr nodes nobody reads and the tensors behind them; returns the nodes erased."""
+    erased = 0
+    for node in reversed(list(program.graph.nodes)):
+        if node.op == "get_attr" and not node.users:
+            program.graph.erase_node(node)
+            erased += 1
+    remove_unused_tensors(program)
+    return erased
+
+
 def remove_unused_tensors(program: Program) -> int:
     """Delete tensors registered on the GraphModule that no get_attr reads; returns bytes freed."""
     gm = program.graph_module
