@@ -1,2 +1,5 @@
-"""Predictors consulted by passes through the PassContext: features, profiling records, the GNN
-latency cost model and the meta-learned tuner (built in their own issues)."""
+"""Predictors consulted by passes through the PassContext.
+
+Here now: the SQLite records database (`records`) and the latency profiler (`profiler`), the
+foundation the cost-model, tuner and load-schedule issues build on. Features, the GNN cost model
+and the meta-learned tuner come with their own issues."""
