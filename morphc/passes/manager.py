@@ -46,6 +46,10 @@ class PassContext:
     reproducer_dir: Path | None = DEFAULT_REPRODUCER_DIR
     calibration: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    # Predictors and services passes consult (set by the caller; passes never import predictors):
+    cost_model: Any = None  # object with predict(program, config) -> seconds (morphc.predictors.cost_model)
+    records: Any = None  # a RecordsDB or a path to one: profiles, tuning logs, search state
+    executor: str = "local"  # where long searches run trials: "local" (process pool) or "ray"
     _analyses: dict[tuple[str, int, int], Any] = field(default_factory=dict, repr=False)
 
     def analysis(self, compute: Callable[[Program], T], program: Program) -> T:
