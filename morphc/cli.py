@@ -128,6 +128,122 @@ def cmd_print(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure latency (and per-op latency) into a records DB; or profile the cost-model corpus; or show knobs."""
+    from dataclasses import asdict
+
+    from morphc.predictors import profiler, records, spaces
+
+    if args.space:
+        for profile in spaces.PROFILES.values():
+            console.print(f"[bold]{profile.kind}[/bold]: {profile.description}")
+            for k in profile.knobs:
+                here = "" if k.measurable_here else " [dim](not measurable on this machine)[/dim]"
+                console.print(f"  {k.name} in {list(k.values)}: {k.applied}{here}")
+        return 0
+    db = records.RecordsDB(args.db)
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.corpus:
+        from morphc.predictors.corpus import VARIANTS
+        from morphc.predictors.dataset import collect_corpus
+
+        variants = [v for v in VARIANTS if not args.family or v.family in args.family]
+        n = collect_corpus(db, variants, batches=[int(b) for b in args.batches.split(",")], threads=threads,
+                           lock=args.lock)
+        console.print(f"measured {n} (variant, batch) pairs now; {len(db)} records in {args.db}")
+        return 0
+    if not args.source:
+        raise MorphcError("morphc profile needs a model source (or --corpus, or --space)")
+    program = load_source(args.source, args.batch_size)
+    configs = [spaces.CpuConfig(threads=t) for t in threads]
+    profiler.collect([program], configs, db, repeats=args.repeats)
+    device, fp = records.device_fingerprint("cpu"), records.program_fingerprint(program)
+    table = Table(title=f"latency of {args.source} (batch {profiler.program_batch(program)})")
+    for col in ("threads", "median ms", "p10 ms", "p90 ms", "runs", "outliers", "load"):
+        table.add_column(col)
+    for c in configs:
+        config = profiler.resolve_config(program, c)
+        rec = db.get(profiler.LATENCY, fp, device, asdict(config))
+        assert rec is not None
+        s = rec.stats
+        table.add_row(str(config.threads), f"{s['median_ms']:.3f}", f"{s['p10_ms']:.3f}", f"{s['p90_ms']:.3f}",
+                      str(s["runs"]), str(s["outliers"]), str(s.get("load_before")))
+        if args.ops:
+            ops = profiler.profile_ops(program, config)
+            db.put(profiler.OP_LATENCY, fp, device, asdict(config), ops)
+    Console().print(table)
+    console.print(f"records in {args.db} (model {fp})")
+    return 0
+
+
+def cmd_train_cost_model(args: argparse.Namespace) -> int:
+    """Train the GNN cost model on a records DB of corpus measurements and save a checkpoint."""
+    from morphc.predictors.cost_model import TrainItem, train
+    from morphc.predictors.dataset import load_samples
+
+    samples = [s for s in load_samples(args.db) if not s.unstable]
+    if not samples:
+        raise MorphcError(f"'{args.db}' holds no corpus measurements for this machine; collect them with "
+                          "`morphc profile --corpus --db ...`")
+    model, losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in samples],
+                          steps=args.steps, seed=args.seed)
+    path = model.save(args.output)
+    console.print(f"trained on {len(samples)} samples, final loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                  f"(MSE of log latency); saved {path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict a program's latency under one or more configs with a cost-model checkpoint."""
+    from morphc.predictors import cost_model, spaces
+
+    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    program = load_source(args.source, args.batch_size)
+    configs = [spaces.parse_config(c) for c in (args.config or ["threads=1"])]
+    preds = model.predict_many([(program, c) for c in configs])
+    for c, p in zip(configs, preds):
+        print(f"{c}: {p * 1e3:.4f} ms")
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    """Fuse task models: the factory returns (models, example_inputs, FusionData[, training example inputs])."""
+    from morphc.passes.fusion.data import FusionData
+
+    made = _load_factory(args.source)
+    if not (isinstance(made, tuple) and len(made) in (3, 4) and isinstance(made[2], FusionData)):
+        raise MorphcError(f"factory '{args.source}' must return (models dict, example_inputs, FusionData) or "
+                          "(models dict, example_inputs, FusionData, training example_inputs); "
+                          f"got {type(made).__name__}")
+    models, example_inputs, data = made[:3]
+    options: dict[str, Any] = {"progress": True}
+    if len(made) == 4:
+        options["fusion_train_program"] = mc.lower(models, made[3])
+    program = mc.lower(models, example_inputs)
+    ctx = mc.PassContext(calibration=data, options=options)
+    fused = mc.PassManager(f"fuse-models{{{args.options}}}" if args.options else "fuse-models").run(program, ctx)
+    report = ctx.options["fusion_report"]
+    sys.stdout.write(report.markdown())
+    if args.report:
+        console.print(f"wrote {report.write(args.report)}")
+    if args.output:
+        mc.save(fused, args.output)
+        console.print(f"saved fused program to {args.output}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from morphc.predictors.tuner import command
+
+    if args.source.startswith("zoo:") or args.source == "twin":
+        from morphc.predictors.tuner.sources import ModelSource
+
+        program = ModelSource(args.source).program(1)
+    else:
+        program = load_source(args.source)
+    return command.run(args, program, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morphc", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +272,46 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("source")
     pr.add_argument("--batch-size", type=int, default=1)
     pr.set_defaults(func=cmd_print)
+
+    pf = sub.add_parser("profile", help="measure latency (end-to-end, per-op) into a records database")
+    pf.add_argument("source", nargs="?", help="model source as for `run` (omit with --corpus / --space)")
+    pf.add_argument("--db", default=".morphc/records.sqlite", help="records database (SQLite)")
+    pf.add_argument("--batch-size", type=int, default=1)
+    pf.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    pf.add_argument("--repeats", type=int, default=30)
+    pf.add_argument("--ops", action="store_true", help="also measure per-operator latency")
+    pf.add_argument("--corpus", action="store_true", help="profile the cost-model corpus (resumable)")
+    pf.add_argument("--family", action="append", help="with --corpus: only this family (repeatable)")
+    pf.add_argument("--batches", default="1,4,8", help="with --corpus: batch sizes")
+    pf.add_argument("--lock", default=None, help="with --corpus: flock this file per variant while measuring")
+    pf.add_argument("--space", action="store_true", help="show the device profiles and their knobs")
+    pf.set_defaults(func=cmd_profile)
+
+    tc = sub.add_parser("train-cost-model", help="train the GNN latency model on corpus records")
+    tc.add_argument("--db", default="benchmarks/results/cost_model.sqlite")
+    tc.add_argument("-o", "--output", default=".morphc/cost-model.npz")
+    tc.add_argument("--steps", type=int, default=3000)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=cmd_train_cost_model)
+
+    pd = sub.add_parser("predict", help="predict a program's latency with the cost model")
+    pd.add_argument("source", help="model source as for `run`")
+    pd.add_argument("--config", action="append", help='e.g. "threads=2" or "batch=8,threads=1" (repeatable)')
+    pd.add_argument("--checkpoint", help="cost-model checkpoint (default: the one shipped with morphc)")
+    pd.add_argument("--batch-size", type=int, default=1)
+    pd.set_defaults(func=cmd_predict)
+
+    fu = sub.add_parser("fuse", help="fuse task models into one multi-task model within an accuracy bound")
+    fu.add_argument("source", help="file.py:factory returning (models, example_inputs, FusionData[, train inputs])")
+    fu.add_argument("--options", default="", help='fuse-models options, e.g. "max-acc-drop=0.01,max-candidates=20"')
+    fu.add_argument("-o", "--output", help="where to save the fused program (.safetensors)")
+    fu.add_argument("--report", metavar="DIR", help="write the search report (Markdown + Pareto plot) into DIR")
+    fu.set_defaults(func=cmd_fuse)
+    tu = sub.add_parser("tune", help="find the best serving config (meta-learned SMBO) and annotate the program")
+    from morphc.predictors.tuner.command import add_arguments as _tune_arguments
+
+    _tune_arguments(tu)
+    tu.set_defaults(func=cmd_tune)
     return parser
 
 

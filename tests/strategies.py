@@ -69,6 +69,7 @@ class TaskSpec:
     copy_of: int | None = None  # a deep copy of an earlier task (identical model)
     outputs: int = 1  # 1: a tensor; 2: a dict {"logits", "features"}
     head_width: int = 3
+    perturb: bool = False  # add noise to every weight: same architecture, other weights (batch-ops has work)
 
 
 @dataclass(frozen=True)
@@ -335,9 +336,26 @@ def build_models(spec: MultiTaskSpec) -> dict[str, nn.Module]:
         in_shapes = (spec.input_shape,) + ((prefix.out_shape,) if task_prefix is not None else ())
         body = SpecNet(task.body, in_shapes)
         models[task.name] = TaskModel(task_prefix, body, task.head_width, task.outputs, task.body.seed)
+    for i, task in enumerate(spec.tasks):
+        if task.perturb:  # a "fine-tuned" twin: the copy (or the shared prefix copy) gets other weights
+            perturb_weights(models[task.name], seed=task.body.seed + i)
     for m in models.values():
         m.eval()
     return models
+
+
+def perturb_weights(model: nn.Module, seed: int) -> None:
+    """Noise on every floating parameter and buffer (variances stay positive), deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g)
+            if name.endswith("running_var"):
+                t.mul_(1.0 + 0.1 * noise.tanh())
+            else:
+                t.add_(0.1 * noise)
 
 
 def make_input(spec: MultiTaskSpec, seed: int | None = None) -> torch.Tensor:
@@ -380,8 +398,11 @@ def multi_task_specs(draw: st.DrawFn, max_tasks: int = 3, max_ops: int = 6) -> M
         copy_of = draw(st.one_of(st.none(), st.integers(0, i - 1))) if i > 0 else None
         use_prefix = prefix is not None and draw(st.booleans())
         body = draw(body_specs(2 if use_prefix else 1, max_ops=max_ops))
+        # perturb: a copied task (or a task over the shared prefix) becomes a twin with other weights
+        perturb = (copy_of is not None or use_prefix) and draw(st.booleans())
         tasks.append(TaskSpec(TASK_NAMES[i], body, use_prefix=use_prefix, copy_of=copy_of,
-                              outputs=draw(st.sampled_from((1, 1, 2))), head_width=draw(st.integers(1, 4))))
+                              outputs=draw(st.sampled_from((1, 1, 2))), head_width=draw(st.integers(1, 4)),
+                              perturb=perturb))
     return MultiTaskSpec(
         batch=draw(st.integers(1, 2)),
         channels=draw(st.integers(1, 4)),

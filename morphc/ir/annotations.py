@@ -99,3 +99,78 @@ class PipelineHistory(Annotation):
     """The pipeline texts applied to this Program, oldest first (written by the PassManager)."""
 
     pipelines: tuple[str, ...]
+
+
+# --- serving configuration (written by the `annotate-config` pass, applied by morphc.runtime.serving) ---
+
+SERVING_BACKENDS = ("eager", "onnxruntime")
+SERVING_DEVICES = ("cpu", "cuda")
+# backend options the runtime knows how to apply, with their valid values (None: any int >= 1)
+SERVING_BACKEND_OPTIONS: dict[str, dict[str, tuple[Any, ...] | None]] = {
+    "eager": {},
+    "onnxruntime": {"optimization": ("disable", "basic", "extended", "all"),
+                    "execution_mode": ("sequential", "parallel"), "inter_op_threads": None,
+                    "allow_spinning": (True, False)},
+}
+
+
+@annotation("serving-config", scope="program")
+class ServingConfig(Annotation):
+    """The serving configuration chosen for this Program (batch, threads, backend and its options,
+    GPU share), with the objective and SLO it was chosen for and what it measured.
+
+    `pipeline` is pass pipeline text the runtime applies before serving ("" = none);
+    `backend_options` is a tuple of (name, value) pairs; `sm_share` / `time_quota` are GPU knobs
+    (CUDA MPS active-thread percentage, FaST-GShare time quota) and stay None on CPU.
+    """
+
+    batch: int
+    threads: int
+    backend: str = "eager"
+    device: str = "cpu"
+    pipeline: str = ""
+    backend_options: tuple[tuple[str, Any], ...] = ()
+    sm_share: int | None = None
+    time_quota: float | None = None
+    objective: str = "throughput-per-core"
+    slo_ms: float | None = None
+    latency_ms: float | None = None  # measured under this config (per batch)
+    throughput: float | None = None  # measured requests per second
+    trials: int = 0  # configurations measured to choose it
+    tuner: str = ""
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.backend_options)
+
+    def validate(self, program: Program, node: fx.Node | None) -> list[str]:
+        problems: list[str] = []
+        if not isinstance(self.batch, int) or self.batch < 1:
+            problems.append(f"batch must be an integer >= 1, got {self.batch!r}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            problems.append(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.device not in SERVING_DEVICES:
+            problems.append(f"device must be one of {', '.join(SERVING_DEVICES)}, got {self.device!r}")
+        if self.backend not in SERVING_BACKENDS:
+            problems.append(f"backend must be one of {', '.join(SERVING_BACKENDS)}, got {self.backend!r}")
+        else:
+            valid = SERVING_BACKEND_OPTIONS[self.backend]
+            for key, value in self.backend_options:
+                if key not in valid:
+                    problems.append(f"backend '{self.backend}' has no option '{key}'; valid: {sorted(valid) or 'none'}")
+                elif valid[key] is None and (not isinstance(value, int) or value < 1):
+                    problems.append(f"option '{key}' must be an integer >= 1, got {value!r}")
+                elif valid[key] is not None and value not in valid[key]:  # type: ignore[operator]
+                    problems.append(f"option '{key}' must be one of {valid[key]}, got {value!r}")
+        if self.sm_share is not None and (self.device != "cuda" or not 1 <= self.sm_share <= 100):
+            problems.append(f"sm_share is a CUDA MPS percentage in 1..100 on device cuda, got {self.sm_share!r} "
+                            f"on {self.device}")
+        if self.time_quota is not None and (self.device != "cuda" or not 0 < self.time_quota <= 1):
+            problems.append(f"time_quota is a share in (0, 1] on device cuda, got {self.time_quota!r} on {self.device}")
+        if self.slo_ms is not None and self.slo_ms <= 0:
+            problems.append(f"slo_ms must be > 0, got {self.slo_ms}")
+        leading = {spec.shape[0] for spec in program.inputs if len(spec.shape) >= 1}
+        if isinstance(self.batch, int) and leading and self.batch not in leading:
+            problems.append(f"batch {self.batch} does not match the program's input batch "
+                            f"({', '.join(str(s) for s in program.inputs)}); shapes are static: lower the "
+                            f"models at batch {self.batch}")
+        return problems

@@ -2,4 +2,9 @@
 
 Here now: the SQLite records database (`records`) and the latency profiler (`profiler`), the
 foundation the cost-model, tuner and load-schedule issues build on. Features, the GNN cost model
-and the meta-learned tuner come with their own issues."""
+and the meta-learned tuner come with their own issues.
+
+Latency cost model (issue 4): `spaces` (device profiles, config spaces: CpuConfig, GpuConfig),
+`features` (OpGraph over the dataflow graph), `corpus` + `dataset` (profiling corpus, resumable
+collection), `cost_model` (Flax NNX GNN, training, checkpoints; `cost_model.load_default()` for the
+shipped CPU checkpoint; `predict`, `predict_many`, `embed`). Imported on demand (jax is heavy)."""

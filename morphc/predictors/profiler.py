@@ -1,14 +1,21 @@
 """Latency measurement of Programs under a serving configuration, stored in the records database.
 
 A measurement is a median over repeated runs after warm-up (timing on shared cores is noisy;
-FACTS.md), with p10/p90 and the runs beyond 3 median absolute deviations counted as outliers.
-`collect` measures many (program, config) pairs resumably: pairs already in the database are
-skipped, each new one is committed as soon as it is measured, and a rich progress bar shows where
-it is.
+FACTS.md), with p10/p90, the runs beyond 3 median absolute deviations counted as outliers, and the
+1-minute load average before and after (other processes share the cores). `profile_ops` measures
+per-operator latency (RaPP's runtime features) by timing each node of the graph in an fx
+interpreter. `collect` measures many (program, config) pairs resumably: pairs already in the
+database are skipped, each new one is committed as soon as it is measured, and a rich progress bar
+shows where it is.
+
+How each knob is applied is declared in `morphc.predictors.spaces`: `threads` with
+`torch.set_num_threads` around the timed calls; `batch` is a property of the Program (static
+shapes), so a config whose batch differs from the Program's is refused, not silently ignored.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,23 +23,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from morphc.ir.program import Program
 from morphc.predictors.records import RecordsDB, device_fingerprint, program_fingerprint
+from morphc.predictors.spaces import CpuConfig, DeviceUnavailableError, GpuConfig
+
+__all__ = ["LATENCY", "OP_LATENCY", "CpuConfig", "LatencyStats", "collect", "measure", "profile_ops",
+           "profile_interleaved", "profile_program", "program_batch", "resolve_config"]
 
 LATENCY = "latency"  # record kind of end-to-end measurements
-
-
-@dataclass(frozen=True)
-class CpuConfig:
-    """The CPU serving knobs a measurement is taken under (threads set with torch.set_num_threads)."""
-
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.threads < 1:
-            raise ValueError(f"CpuConfig.threads must be >= 1, got {self.threads}")
+OP_LATENCY = "op-latency"  # record kind of per-operator measurements
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,32 @@ class LatencyStats:
     mean_ms: float
     runs: int
     outliers: int
+    load_before: float | None = None  # 1-minute load average when the measurement started
+    load_after: float | None = None
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _summarize(samples: Sequence[float], load_before: float | None = None) -> LatencyStats:
+    ordered = sorted(samples)
+    median = statistics.median(ordered)
+    mad = statistics.median(abs(s - median) for s in ordered) or 1e-9
+    return LatencyStats(
+        median_ms=median, p10_ms=ordered[int(0.1 * (len(ordered) - 1))], p90_ms=ordered[int(0.9 * (len(ordered) - 1))],
+        mean_ms=statistics.fmean(ordered), runs=len(ordered), outliers=sum(abs(s - median) > 3 * mad for s in ordered),
+        load_before=load_before, load_after=_load())
 
 
 def measure(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> LatencyStats:
     """Time `fn` `repeats` times after `warmup` calls."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    load_before = _load()
     for _ in range(warmup):
         fn()
     samples = []
@@ -56,16 +78,37 @@ def measure(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> Lat
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    ordered = sorted(samples)
-    median = statistics.median(ordered)
-    mad = statistics.median(abs(s - median) for s in ordered) or 1e-9
-    return LatencyStats(
-        median_ms=median, p10_ms=ordered[int(0.1 * (len(ordered) - 1))], p90_ms=ordered[int(0.9 * (len(ordered) - 1))],
-        mean_ms=statistics.fmean(ordered), runs=len(ordered), outliers=sum(abs(s - median) > 3 * mad for s in ordered))
+    return _summarize(samples, load_before)
+
+
+def program_batch(program: Program) -> int:
+    """The batch a Program was lowered for: the leading dimension of its first input."""
+    shape = program.inputs[0].shape if program.inputs else ()
+    return int(shape[0]) if shape else 1
+
+
+def resolve_config(program: Program, config: CpuConfig | GpuConfig) -> CpuConfig | GpuConfig:
+    """`config` with its batch filled in from the Program; a different batch is refused (static shapes)."""
+    batch = program_batch(program)
+    if config.batch is None:
+        return config.with_batch(batch)
+    if config.batch != batch:
+        raise ValueError(f"config batch {config.batch} differs from the program's batch {batch}; lower the model "
+                         f"again with example inputs of batch {config.batch} to measure it")
+    return config
+
+
+def _check_measurable(config: CpuConfig | GpuConfig) -> CpuConfig:
+    if isinstance(config, GpuConfig):
+        raise DeviceUnavailableError(
+            "GPU configs (batch, MPS SM share, time quota) cannot be measured here: this machine has no GPU "
+            "(a GPU profile needs a CUDA device and an MPS daemon)")
+    return config
 
 
 def profile_program(program: Program, config: CpuConfig, *, warmup: int = 3, repeats: int = 20) -> LatencyStats:
     """End-to-end latency of running `program` eagerly on its example inputs under `config`."""
+    config = _check_measurable(resolve_config(program, config))
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -75,13 +118,93 @@ def profile_program(program: Program, config: CpuConfig, *, warmup: int = 3, rep
         torch.set_num_threads(previous)
 
 
+def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmup: int = 3, per_round: int = 5,
+                        target_s: float = 0.15, min_runs: int = 20, max_runs: int = 200) -> list[LatencyStats]:
+    """End-to-end latency under several configs, measured in interleaved rounds of `per_round` calls.
+
+    Interleaving makes load from other processes hit every config alike; the number of runs adapts
+    so each config gets about `target_s` of measurement (between `min_runs` and `max_runs`).
+    """
+    resolved = [_check_measurable(resolve_config(program, c)) for c in configs]
+    previous = torch.get_num_threads()
+    load_before = _load()
+    samples: list[list[float]] = [[] for _ in resolved]
+    try:
+        with torch.no_grad():
+            call = lambda: program(*program.example_inputs)  # noqa: E731
+            one = []
+            for config in resolved:
+                torch.set_num_threads(config.threads)
+                for _ in range(warmup):
+                    call()
+                calib = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    call()
+                    calib.append(time.perf_counter() - start)
+                one.append(statistics.median(calib))
+            runs = int(min(max(target_s / max(max(one), 1e-6), min_runs), max_runs))
+            for _ in range(max(1, -(-runs // per_round))):
+                for i, config in enumerate(resolved):
+                    torch.set_num_threads(config.threads)
+                    call()  # first call after a thread change pays the pool wake-up: not timed
+                    for _ in range(per_round):
+                        start = time.perf_counter()
+                        call()
+                        samples[i].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return [_summarize(s, load_before) for s in samples]
+
+
+class _OpTimer(fx.Interpreter):
+    """Runs the graph and adds each call_function node's wall time to `times` (ms)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.times: dict[str, list[float]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op != "call_function":
+            return super().run_node(n)
+        start = time.perf_counter()
+        out = super().run_node(n)
+        self.times.setdefault(n.name, []).append((time.perf_counter() - start) * 1e3)
+        return out
+
+
+def profile_ops(program: Program, config: CpuConfig, *, warmup: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Median latency (ms) of every operator node of `program` under `config`, by node name.
+
+    Timed one node at a time in an interpreter, so the numbers include a few microseconds of
+    Python dispatch per node; they are features (RaPP's runtime features), not a latency sum.
+    """
+    config = _check_measurable(resolve_config(program, config))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        timer = _OpTimer(program.graph_module)
+        with torch.no_grad():
+            for _ in range(warmup):
+                timer.run(*program.example_inputs)
+            timer.times.clear()
+            for _ in range(repeats):
+                timer.run(*program.example_inputs)
+    finally:
+        torch.set_num_threads(previous)
+    return {name: statistics.median(ts) for name, ts in timer.times.items()}
+
+
 def collect(programs: Sequence[Program], configs: Iterable[CpuConfig], db: RecordsDB, *, warmup: int = 3,
             repeats: int = 20, show_progress: bool = True,
             on_record: Callable[[Program, CpuConfig, LatencyStats], None] | None = None) -> int:
-    """Measure every (program, config) not yet in `db`; returns how many were measured now."""
+    """Measure every (program, config) not yet in `db`; returns how many were measured now.
+
+    Configs are stored with the batch filled in from each program (see `resolve_config`).
+    """
     device = device_fingerprint("cpu")
     configs = list(configs)
-    todo = [(p, program_fingerprint(p), c) for p in programs for c in configs]
+    todo = [(p, program_fingerprint(p), resolve_config(p, c)) for p in programs for c in configs]
     todo = [(p, fp, c) for p, fp, c in todo if db.get(LATENCY, fp, device, asdict(c)) is None]
     columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     measured = 0

@@ -11,6 +11,8 @@ from morphc.runtime.executable import (
     register_target,
     targets,
 )
+from morphc.runtime.executors import Executor, ExecutorError, TaskError, get_executor
 
 __all__ = ["CompileError", "CompileReport", "Executable", "Fallback", "compile_program", "load_executable",
            "register_target", "targets"]
+__all__ += ["Executor", "ExecutorError", "TaskError", "get_executor"]

@@ -1,0 +1,406 @@
+"""The latency cost model: a Flax NNX graph neural network over a Program's dataflow graph.
+
+Structure (why): latency of eager inference is close to a sum of per-operator times plus a fixed
+per-call overhead, so the network predicts a log-time for every operator from its features, its
+neighbourhood (3 rounds of message passing along the fx dataflow edges, in both directions) and the
+serving config, adds them up in log space (`logsumexp` over the graph's nodes), and adds a
+graph-level MLP correction (per-call overhead, contention between threads) computed from pooled
+node states and graph features. Trained with optax (AdamW, cosine schedule) on mean squared error
+of log latency, i.e. relative error, which is what passes compare. Per-op runtime features (op
+latency measured under 1 and 2 threads, as RaPP) are optional inputs: training hides them at
+random, so the same network predicts never-profiled programs from static features alone.
+
+API for passes: `ctx.cost_model.predict(program, config) -> seconds` (PassContext's contract),
+`predict_ms`, `predict_many` (one jitted call for many queries), `embed(program) -> vector` (a
+graph embedding for the meta-learned tuner). `load_default()` loads the checkpoint shipped in
+`morphc/predictors/checkpoints/`. Checkpoints are one `.npz` (no pickle) holding the parameters and
+a JSON header with the feature schema, the hyperparameters, and the device fingerprint of the
+machine the training data was measured on; another schema, a corrupt file or a device kind that
+does not match the config is refused with a clear error, never answered with a number.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import warnings
+import weakref
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from morphc.errors import MorphcError
+from morphc.ir.program import Program
+from morphc.predictors.features import (
+    FEATURE_SCHEMA,
+    GRAPH_DIM,
+    NODE_DIM,
+    OpGraph,
+    extract,
+    graph_features,
+    node_features,
+    static_node_block,
+)
+from morphc.predictors.records import device_fingerprint
+from morphc.predictors.spaces import CpuConfig, GpuConfig
+
+CHECKPOINT_FORMAT = "morphc-cost-model"
+CHECKPOINT_VERSION = 1
+DEFAULT_CHECKPOINT = "cpu-default.npz"
+
+
+class CostModelError(MorphcError):
+    """A cost-model checkpoint is missing, corrupt, or made for other features or another device kind."""
+
+
+class CostModelWarning(UserWarning):
+    """The checkpoint describes another machine than this one: predictions are for that machine."""
+
+
+# --- the network ------------------------------------------------------------------------------
+
+
+class LatencyGNN(nnx.Module):
+    """Message passing over dataflow edges + per-node log-time head + graph-level MLP correction."""
+
+    def __init__(self, node_dim: int, graph_dim: int, hidden: int = 64, layers: int = 3, *, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Linear(node_dim, hidden, rngs=rngs)
+        self.msg_fwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
+        self.msg_bwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
+        self.update = nnx.List([nnx.Linear(3 * hidden, hidden, rngs=rngs) for _ in range(layers)])
+        self.norms = nnx.List([nnx.LayerNorm(hidden, rngs=rngs) for _ in range(layers)])
+        self.node_head = nnx.Linear(hidden, 1, rngs=rngs, bias_init=nnx.initializers.constant(-4.0))
+        self.graph_hidden = nnx.Linear(2 * hidden + graph_dim, hidden, rngs=rngs)
+        self.graph_out = nnx.Linear(hidden, 1, rngs=rngs, kernel_init=nnx.initializers.zeros)
+
+    def __call__(self, batch: dict[str, jax.Array], num_graphs: int) -> tuple[jax.Array, jax.Array]:
+        """(log-ms per graph [num_graphs], embedding per graph [num_graphs, 2*hidden])."""
+        x, mask = batch["x"], batch["mask"]
+        senders, receivers, gid = batch["senders"], batch["receivers"], batch["graph"]
+        n = x.shape[0]
+        segments = num_graphs + 1  # the last segment collects padding
+        ones = jnp.ones_like(senders, dtype=x.dtype)
+        deg_in = jnp.maximum(jax.ops.segment_sum(ones, receivers, n), 1.0)[:, None]
+        deg_out = jnp.maximum(jax.ops.segment_sum(ones, senders, n), 1.0)[:, None]
+        h = nnx.gelu(self.embed(x))
+        for fwd, bwd, upd, norm in zip(self.msg_fwd, self.msg_bwd, self.update, self.norms):
+            m_in = jax.ops.segment_sum(fwd(h)[senders], receivers, n) / deg_in
+            m_out = jax.ops.segment_sum(bwd(h)[receivers], senders, n) / deg_out
+            h = norm(h + nnx.gelu(upd(jnp.concatenate([h, m_in, m_out], axis=-1))))
+        h = h * mask[:, None]
+        z = jnp.where(mask > 0, self.node_head(h)[:, 0], -jnp.inf)
+        zmax = jax.ops.segment_max(z, gid, segments)
+        zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
+        total = jax.ops.segment_sum(jnp.exp(z - zmax[gid]), gid, segments)
+        lse = jnp.log(jnp.maximum(total, 1e-30)) + zmax
+        count = jnp.maximum(jax.ops.segment_sum(mask, gid, segments), 1.0)[:, None]
+        mean = jax.ops.segment_sum(h, gid, segments) / count
+        hmax = jax.ops.segment_max(jnp.where(mask[:, None] > 0, h, -1e9), gid, segments)
+        hmax = jnp.where(count > 0, jnp.maximum(hmax, -1e3), 0.0)
+        emb = jnp.concatenate([mean, hmax], axis=-1)[:num_graphs]
+        g = nnx.gelu(self.graph_hidden(jnp.concatenate([emb, batch["gfeat"]], axis=-1)))
+        return lse[:num_graphs] + self.graph_out(g)[:, 0], emb
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
+
+
+@dataclass(frozen=True)
+class Query:
+    """One graph under one config, as arrays: node features, edges, graph features."""
+
+    x: np.ndarray
+    edges: np.ndarray
+    gfeat: np.ndarray
+
+
+def make_query(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.ndarray | None = None,
+               static_block: np.ndarray | None = None) -> Query:
+    return Query(node_features(graph, config, runtime, static_block), graph.edges, graph_features(graph, config))
+
+
+def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """Concatenate queries into one padded batch (node/edge counts rounded up to powers of two)."""
+    g = num_graphs or _bucket(len(queries), 1)
+    n_real = sum(q.x.shape[0] for q in queries)
+    e_real = sum(len(q.edges) for q in queries)
+    n_pad, e_pad = _bucket(n_real + 1, 64), _bucket(e_real + 1, 64)
+    x = np.zeros((n_pad, NODE_DIM), np.float32)
+    mask = np.zeros(n_pad, np.float32)
+    gid = np.full(n_pad, g, np.int32)
+    senders = np.full(e_pad, n_pad - 1, np.int32)
+    receivers = np.full(e_pad, n_pad - 1, np.int32)
+    gfeat = np.zeros((g, GRAPH_DIM), np.float32)
+    n0 = e0 = 0
+    for i, q in enumerate(queries):
+        k, e = q.x.shape[0], len(q.edges)
+        x[n0:n0 + k] = q.x
+        mask[n0:n0 + k] = 1.0
+        gid[n0:n0 + k] = i
+        if e:
+            senders[e0:e0 + e] = q.edges[:, 0] + n0
+            receivers[e0:e0 + e] = q.edges[:, 1] + n0
+        gfeat[i] = q.gfeat
+        n0, e0 = n0 + k, e0 + e
+    return {"x": x, "mask": mask, "graph": gid, "senders": senders, "receivers": receivers, "gfeat": gfeat}, g
+
+
+def _compile_forward(model: LatencyGNN) -> Callable[[dict[str, np.ndarray], int], tuple[jax.Array, jax.Array]]:
+    """A plain jax.jit of the model's forward over its split state: no NNX graph traversal per query."""
+    graphdef, state = nnx.split(model)
+
+    @partial(jax.jit, static_argnums=(2,))
+    def forward(state: nnx.State, batch: dict[str, jax.Array], num_graphs: int) -> tuple[jax.Array, jax.Array]:
+        return nnx.merge(graphdef, state)(batch, num_graphs)
+
+    return lambda batch, num_graphs: forward(state, batch, num_graphs)
+
+
+# --- the predictor ------------------------------------------------------------------------------
+
+
+@dataclass
+class CostModel:
+    """A trained LatencyGNN with what it was trained for; see the module docstring."""
+
+    model: LatencyGNN
+    meta: dict[str, Any]
+    _graphs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    _warned: bool = field(default=False, repr=False)
+    _forward: Callable[..., tuple[jax.Array, jax.Array]] | None = field(default=None, repr=False)
+
+    @property
+    def device_kind(self) -> str:
+        return str(self.meta["device_kind"])
+
+    def _check_config(self, config: CpuConfig | GpuConfig) -> None:
+        if config.device != self.device_kind:
+            raise CostModelError(f"this cost model was trained on '{self.device_kind}' measurements and cannot "
+                                 f"predict a {type(config).__name__} ({config.device}); load a {config.device} "
+                                 "checkpoint (train one with `morphc train-cost-model`)")
+        if self.device_kind == "cpu" and not self._warned and self.meta["device_fingerprint"] != device_fingerprint():
+            self._warned = True
+            warnings.warn(f"cost model describes '{self.meta['device_fingerprint']}', this machine is "
+                          f"'{device_fingerprint()}': predictions are for the former (retrain with "
+                          "`morphc profile --corpus` + `morphc train-cost-model` for this one)",
+                          CostModelWarning, stacklevel=3)
+
+    def graph_of(self, program: Program) -> tuple[OpGraph, np.ndarray]:
+        """The program's OpGraph (cached per program and graph generation)."""
+        cached = self._graphs.get(program)
+        if cached is None or cached[0] != program.generation:
+            graph = extract(program)
+            cached = (program.generation, graph, static_node_block(graph))
+            self._graphs[program] = cached
+        return cached[1], cached[2]
+
+    def _queries(self, pairs: Sequence[tuple[Program, CpuConfig | GpuConfig]]) -> list[Query]:
+        out = []
+        for program, config in pairs:
+            self._check_config(config)
+            graph, block = self.graph_of(program)
+            out.append(make_query(graph, config, static_block=block))
+        return out
+
+    def predict_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
+        """(latency ms [Q], embeddings [Q, D]) for prepared queries, in chunks of up to 64 graphs."""
+        preds, embs = [], []
+        for start in range(0, len(queries), 64):
+            chunk = queries[start:start + 64]
+            batch, g = pack(chunk)
+            if self._forward is None:
+                self._forward = _compile_forward(self.model)
+            log_ms, emb = self._forward(batch, g)
+            preds.append(np.exp(np.asarray(log_ms, dtype=np.float64))[:len(chunk)])
+            embs.append(np.asarray(emb)[:len(chunk)])
+        if not preds:
+            return np.zeros(0), np.zeros((0, 2 * int(self.meta["hidden"])))
+        out = np.concatenate(preds)
+        if not np.all(np.isfinite(out)):
+            raise CostModelError("the cost model produced a non-finite prediction (corrupt checkpoint?)")
+        return out, np.concatenate(embs)
+
+    def predict_ms(self, program: Program, config: CpuConfig | GpuConfig | None = None) -> float:
+        """Predicted median latency in milliseconds of `program` under `config` (default: 1 thread)."""
+        return float(self.predict_many([(program, config or CpuConfig())])[0] * 1e3)
+
+    def predict(self, program: Program, config: CpuConfig | GpuConfig | None = None) -> float:
+        """Predicted median latency in seconds (the PassContext contract)."""
+        return float(self.predict_many([(program, config or CpuConfig())])[0])
+
+    def predict_many(self, pairs: Sequence[tuple[Program, CpuConfig | GpuConfig]]) -> np.ndarray:
+        """Predicted latencies in seconds for many (program, config) pairs, in one jitted call per 64."""
+        return self.predict_queries(self._queries(pairs))[0] / 1e3
+
+    def embed(self, program: Program, config: CpuConfig | GpuConfig | None = None) -> np.ndarray:
+        """A fixed-length graph embedding (pooled node states) of `program` under `config`."""
+        return self.predict_queries(self._queries([(program, config or CpuConfig())]))[1][0]
+
+    # --- checkpoint IO ----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """One .npz: parameters by path plus a JSON header (format, schema, hyperparameters, device)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"p{i}": np.asarray(leaf) for i, (_, leaf) in enumerate(_param_leaves(self.model))}
+        names = [name for name, _ in _param_leaves(self.model)]
+        header = {**self.meta, "param_names": names}
+        arrays["__meta__"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
+
+
+def _param_leaves(model: LatencyGNN) -> list[tuple[str, jax.Array]]:
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in leaves]
+
+
+def _new_model(meta: dict[str, Any], seed: int = 0) -> LatencyGNN:
+    return LatencyGNN(NODE_DIM, GRAPH_DIM, int(meta["hidden"]), int(meta["layers"]), rngs=nnx.Rngs(seed))
+
+
+def load(path: str | Path | io.BytesIO) -> CostModel:
+    """Load a checkpoint; CostModelError (naming the problem) for anything but a valid, matching one."""
+    where = f"'{path}'" if not isinstance(path, io.BytesIO) else "the checkpoint"
+    if not isinstance(path, io.BytesIO) and not Path(path).is_file():
+        raise CostModelError(f"cost-model checkpoint {where} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CostModelError(f"{where} is not a morphc cost-model checkpoint (unreadable .npz: {exc})") from exc
+    try:
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise CostModelError(f"{where} has no valid morphc cost-model header: {exc}") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise CostModelError(f"{where} is format {meta.get('format')!r} version {meta.get('version')}; this morphc "
+                             f"reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
+    if meta.get("feature_schema") != FEATURE_SCHEMA:
+        raise CostModelError(f"{where} was trained on feature schema {meta.get('feature_schema')!r}; this morphc "
+                             f"computes {FEATURE_SCHEMA!r}: retrain it (`morphc train-cost-model`)")
+    if meta.get("node_dim") != NODE_DIM or meta.get("graph_dim") != GRAPH_DIM:
+        raise CostModelError(f"{where} expects {meta.get('node_dim')}/{meta.get('graph_dim')} node/graph features; "
+                             f"this morphc computes {NODE_DIM}/{GRAPH_DIM}")
+    model = _new_model(meta)
+    expected = _param_leaves(model)
+    if meta.get("param_names") != [name for name, _ in expected]:
+        raise CostModelError(f"{where} holds other parameters than a LatencyGNN(hidden={meta.get('hidden')}, "
+                             f"layers={meta.get('layers')}) has")
+    leaves = []
+    for i, (name, ref) in enumerate(expected):
+        arr = arrays.get(f"p{i}")
+        if arr is None or arr.shape != ref.shape:
+            raise CostModelError(f"{where}: parameter {name} is missing or has shape "
+                                 f"{None if arr is None else list(arr.shape)}, expected {list(ref.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise CostModelError(f"{where}: parameter {name} holds non-finite values (corrupt checkpoint)")
+        leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), leaves))
+    meta.pop("param_names", None)
+    return CostModel(model, meta)
+
+
+def default_checkpoint_path() -> Path:
+    return Path(str(resources.files("morphc.predictors") / "checkpoints" / DEFAULT_CHECKPOINT))
+
+
+def load_default() -> CostModel:
+    """The CPU cost model shipped with morphc (see README: the machine it describes, how to retrain)."""
+    return load(default_checkpoint_path())
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """A training example: graph, config, measured latency, optional per-op runtime features."""
+
+    graph: OpGraph
+    config: CpuConfig
+    latency_ms: float
+    runtime: np.ndarray | None = None
+    group: str = ""  # family or variant, for reporting
+
+
+def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int = 64, layers: int = 3,
+          steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
+          runtime_dropout: float = 0.5, seed: int = 0, show_progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> tuple[CostModel, list[float]]:
+    """Train a LatencyGNN on `items`; returns the model and the loss per step (MSE of log latency)."""
+    if not items:
+        raise ValueError("train() needs at least one item (is the records database empty?)")
+    rng = np.random.default_rng(seed)
+    blocks: dict[int, np.ndarray] = {}
+    with_rt, without_rt = [], []
+    for it in items:
+        block = blocks.setdefault(id(it.graph), static_node_block(it.graph))
+        q = make_query(it.graph, it.config, None, block)
+        without_rt.append(q)
+        with_rt.append(make_query(it.graph, it.config, it.runtime, block) if it.runtime is not None else q)
+    targets = np.log(np.asarray([it.latency_ms for it in items], dtype=np.float32))
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
+            "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
+            "device_kind": "cpu", "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
+            "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                        "groups": sorted({it.group for it in items}),
+                        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}}
+    model = _new_model(meta, seed)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps, lr * 0.02)
+    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
+                                                 optax.adamw(schedule, weight_decay=weight_decay)), wrt=nnx.Param)
+
+    @nnx.jit(static_argnums=(3,))
+    def step(model: LatencyGNN, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], g: int,
+             y: jax.Array, w: jax.Array) -> jax.Array:
+        def loss_fn(m: LatencyGNN) -> jax.Array:
+            pred, _ = m(batch, g)
+            return jnp.sum(w * (pred - y) ** 2) / jnp.sum(w)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    losses: list[float] = []
+    bs = min(batch_size, len(items))
+    columns = (TextColumn("training cost model  loss {task.fields[loss]:.4f}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("train", total=steps, loss=float("nan"))
+        for i in range(steps):
+            idx = rng.choice(len(items), size=bs, replace=len(items) < bs)
+            queries = [with_rt[j] if rng.random() >= runtime_dropout else without_rt[j] for j in idx]
+            batch, g = pack(queries, bs)
+            y = np.zeros(g, np.float32)
+            y[:bs] = targets[idx]
+            w = np.zeros(g, np.float32)
+            w[:bs] = 1.0
+            loss = float(step(model, optimizer, {k: jnp.asarray(v) for k, v in batch.items()}, g, jnp.asarray(y),
+                              jnp.asarray(w)))
+            losses.append(loss)
+            if on_step is not None:
+                on_step(i, loss)
+            if i % 25 == 0 or i == steps - 1:
+                progress.update(task, completed=i + 1, loss=float(np.mean(losses[-25:])))
+    return CostModel(model, meta), losses

@@ -1,0 +1,248 @@
+"""The cost-model dataset: profile corpus variants into a records database, and read it back.
+
+Per (variant, batch) the database gets, keyed by the Program's fingerprint:
+  - `corpus`: variant name -> fingerprint and family (so a resumed collection need not lower again),
+  - `opgraph`: the raw OpGraph (features.extract), so training never needs the models,
+  - `latency` per threads: end-to-end stats (interleaved measurement, load average),
+  - `op-latency` per threads: per-operator medians in OpGraph node order (runtime features).
+Everything is committed as it is measured; a killed collection resumes where it stopped. With
+`lock` set, the timing lock file is held (flock) for chunks of at most `lock_chunk_s` seconds of
+measuring, so other users of shared cores can interleave their own timings between chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from morphc.ir.program import Program
+from morphc.predictors.corpus import Variant
+from morphc.predictors.features import OpGraph, extract
+from morphc.predictors.profiler import LATENCY, OP_LATENCY, LatencyStats, profile_interleaved, profile_ops
+from morphc.predictors.records import RecordsDB, RecordsError, device_fingerprint, program_fingerprint
+from morphc.predictors.spaces import CpuConfig
+
+CORPUS = "corpus"
+OPGRAPH = "opgraph"
+STATIC = "static"  # device field of device-independent records
+
+
+class _ChunkLock:
+    """An flock held across consecutive measurements for at most `chunk_s`, then released so others interleave."""
+
+    def __init__(self, path: str | None, chunk_s: float) -> None:
+        self.path, self.chunk_s = path, chunk_s
+        self.file: Any = None
+        self.since = 0.0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.path is not None and self.file is None:
+            self.file = open(self.path, "a")  # noqa: SIM115  (kept open across chunks)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+            self.since = time.monotonic()
+        yield
+        if self.file is not None and time.monotonic() - self.since > self.chunk_s:
+            self.release()
+
+    def close(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+_built: dict[str, object] = {}  # the last variant built: its models and batch-1 inputs
+
+
+def _cache_path(v: Variant, batch: int, cache_dir: str | Path | None) -> Path | None:
+    if cache_dir is None:
+        return None
+    return Path(cache_dir) / f"{hashlib.blake2b(v.name.encode(), digest_size=8).hexdigest()}-b{batch}.safetensors"
+
+
+def lowered(v: Variant, batch: int, cache_dir: str | Path | None = None) -> Program:
+    """`v` lowered at `batch`, from `cache_dir` when it was lowered before."""
+    import morphc
+
+    path = _cache_path(v, batch, cache_dir)
+    if path is not None and path.is_file():
+        return morphc.load(path)
+    if _built.get("name") != v.name:  # build each variant once; other batches repeat its batch-1 inputs
+        _built.clear()
+        _built.update(name=v.name, built=v.build(1))
+    models, inputs = _built["built"]
+    program = morphc.lower(models, tuple(t.repeat(batch, *[1] * (t.dim() - 1)) for t in inputs))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        morphc.save(program, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return program
+
+
+def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: str, ops: bool) -> bool:
+    rec = db.get(CORPUS, name, STATIC, {"batch": batch})
+    if rec is None:
+        return False
+    fp = rec.stats["fingerprint"]
+    kinds = (LATENCY, OP_LATENCY) if ops else (LATENCY,)
+    return all(db.get(k, fp, device, {"batch": batch, "threads": t}) is not None for k in kinds for t in threads)
+
+
+MAX_SPREAD = 2.0  # p90/p10 above this: the measurement was disturbed (other processes), measure again
+
+
+# More threads than 1 this much slower than 1 thread, measured interleaved: the second thread could not get a
+# core (other processes), so every OpenMP barrier waited on the scheduler. A fact about the load, not the program.
+CONTENDED_RATIO = 3.0
+
+
+def _spread(s: LatencyStats) -> float:
+    return s.p90_ms / max(s.p10_ms, 1e-9)
+
+
+def _quality(stats: Sequence[LatencyStats], configs: Sequence[CpuConfig]) -> float:
+    """Worst of the spreads and of the contention ratios (multi-thread median / single-thread median)."""
+    single = [s.median_ms for s, c in zip(stats, configs) if c.threads == 1]
+    ratios = [s.median_ms / single[0] / CONTENDED_RATIO * MAX_SPREAD for s, c in zip(stats, configs)
+              if single and c.threads > 1]
+    return max([*map(_spread, stats), *ratios])
+
+
+def _stable_measurement(program: object, configs: Sequence[CpuConfig], target_s: float,
+                        retries: int) -> tuple[list[LatencyStats], int]:
+    """Interleaved measurement, repeated (up to `retries` more times) while a config's spread is too wide or
+    the multi-thread configs are contended; keeps the best attempt."""
+    best: list[LatencyStats] | None = None
+    attempts = 0
+    for attempts in range(1, retries + 2):  # noqa: B007
+        stats = profile_interleaved(program, configs, target_s=target_s)  # type: ignore[arg-type]
+        if best is None or _quality(stats, configs) < _quality(best, configs):
+            best = stats
+        if _quality(best, configs) <= MAX_SPREAD:
+            break
+    assert best is not None
+    return best, attempts
+
+
+def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Sequence[int] = (1, 4, 8),
+                   threads: Sequence[int] = (1, 2), ops: bool = True, lock: str | None = None,
+                   show_progress: bool = True, target_s: float = 0.1, retries: int = 1,
+                   cache_dir: str | Path | None = None, prepare_only: bool = False,
+                   lock_chunk_s: float = 120.0) -> int:
+    """Profile every (variant, batch) not yet complete in `db`; returns how many were measured now.
+
+    With `cache_dir`, lowered programs are saved there and reused (`prepare_only` just fills the
+    cache: lowering needs no quiet machine, so it can run while another job holds the timing lock).
+    """
+    device = device_fingerprint("cpu")
+    todo = [(v, b) for v in variants for b in batches if not _done(db, v.name, b, threads, device, ops)]
+    measured = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    chunk = _ChunkLock(lock, lock_chunk_s)
+    with Progress(*columns, disable=not show_progress) as progress, contextlib.closing(chunk):
+        task = progress.add_task("profiling corpus", total=len(todo))
+        for v, batch in todo:
+            progress.update(task, description=f"{v.name} b={batch}"[:60])
+            if _cache_path(v, batch, cache_dir) is None or not _cache_path(v, batch, cache_dir).is_file():
+                chunk.release()  # lowering takes seconds and needs no quiet machine
+            program = lowered(v, batch, cache_dir)
+            if prepare_only:
+                progress.advance(task)
+                continue
+            fp = program_fingerprint(program)
+            graph = extract(program)
+            db.put(OPGRAPH, fp, STATIC, {}, graph.to_json())
+            configs = [CpuConfig(threads=t, batch=batch) for t in threads]
+            with chunk.hold():
+                stats, attempts = _stable_measurement(program, configs, target_s, retries)
+                per_op = {t: profile_ops(program, CpuConfig(threads=t), repeats=3) for t in threads} if ops else {}
+            for config, s in zip(configs, stats):
+                db.put(LATENCY, fp, device, asdict(config), {**asdict(s), "attempts": attempts,
+                                                             "unstable": _spread(s) > MAX_SPREAD})
+            for t, times in per_op.items():
+                ms = [round(times.get(n, 0.0), 5) for n in graph.names]
+                db.put(OP_LATENCY, fp, device, {"batch": batch, "threads": t}, {"ms": ms})
+            db.put(CORPUS, v.name, STATIC, {"batch": batch}, {"fingerprint": fp, "family": v.family, "spec": v.spec})
+            measured += 1
+            progress.advance(task)
+    return measured
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured (program, config) with what training needs."""
+
+    variant: str
+    family: str
+    fingerprint: str
+    graph: OpGraph
+    config: CpuConfig
+    latency_ms: float
+    runtime: np.ndarray | None  # [N, 2] per-op ms at 1 and 2 threads, when profiled
+    load: float | None
+    unstable: bool = False  # p90/p10 spread above MAX_SPREAD, or contended (see CONTENDED_RATIO), after retries
+
+
+STATISTIC = "p10_ms"  # the latency the cost model learns; see load_samples
+
+
+def load_samples(db: RecordsDB | str | Path, device: str | None = None, statistic: str = STATISTIC) -> list[Sample]:
+    """Every complete latency sample of the corpus in `db` for `device` (default: this machine).
+
+    `statistic` is the latency learned: by default the 10th percentile of the interleaved runs, the
+    latency of a program that has its cores (on cores shared with other jobs, the median also
+    measures how busy the machine was: the recorded load averages were 4-5 on 2 cores). "median_ms"
+    is the alternative.
+    """
+    if statistic not in ("p10_ms", "median_ms", "mean_ms", "p90_ms"):
+        raise ValueError(f"statistic must be one of p10_ms, median_ms, mean_ms, p90_ms; got {statistic!r}")
+    if not isinstance(db, RecordsDB):
+        if not Path(db).is_file():
+            raise RecordsError(f"records database '{db}' does not exist (collect one with `morphc profile --corpus`)")
+        db = RecordsDB(db)
+    device = device or device_fingerprint("cpu")
+    graphs: dict[str, OpGraph] = {}
+    samples: list[Sample] = []
+    for rec in db.query(kind=CORPUS):
+        fp, batch = rec.stats["fingerprint"], rec.config["batch"]
+        if fp not in graphs:
+            g = db.get(OPGRAPH, fp, STATIC, {})
+            if g is None:
+                continue
+            try:
+                graphs[fp] = OpGraph.from_json(g.stats)
+            except ValueError as exc:
+                raise RecordsError(f"op graph of {rec.model} in '{db.path}': {exc}") from exc
+        graph = graphs[fp]
+        ops = {t: db.get(OP_LATENCY, fp, device, {"batch": batch, "threads": t}) for t in (1, 2)}
+        runtime = None
+        if all(o is not None for o in ops.values()):
+            runtime = np.stack([np.asarray(ops[t].stats["ms"], dtype=np.float64) for t in (1, 2)], axis=1)
+            if runtime.shape[0] != graph.num_nodes:
+                raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
+        lats = list(db.query(kind=LATENCY, model=fp, device=device))
+        single = [float(r.stats[statistic]) for r in lats if r.config.get("threads") == 1]
+        for lat in lats:
+            config = CpuConfig(threads=int(lat.config["threads"]), batch=int(lat.config["batch"]))
+            ms = float(lat.stats[statistic])
+            if not np.isfinite(ms) or ms <= 0:
+                raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {ms}")
+            spread = float(lat.stats["p90_ms"]) / max(float(lat.stats["p10_ms"]), 1e-9)
+            contended = bool(single) and config.threads > 1 and ms > CONTENDED_RATIO * single[0]
+            samples.append(Sample(rec.model, rec.stats["family"], fp, graph, config, ms, runtime,
+                                  lat.stats.get("load_before"), spread > MAX_SPREAD or contended))
+    return samples

@@ -1,0 +1,226 @@
+"""Features of a Program for the latency cost model, over the IR's real dataflow graph.
+
+Two steps, so that collected data outlives feature changes:
+
+1. `extract(program) -> OpGraph`: the raw, device-independent description of the graph. One node
+   per input placeholder and operator (parameters are folded into the operators that read them, as
+   parameter bytes), each with its ATen operator name, OpClass, FLOPs, activation bytes, parameter
+   bytes, output elements and rank, and key attributes (conv kernel area / stride / groups, matmul
+   reduction size, attention sequence and head size); edges are the fx dataflow edges (RaPP used
+   only sequential order). Deterministic: the same Program always gives the same OpGraph.
+   `OpGraph.to_json` / `from_json` store it in the records database.
+2. `node_features` / `graph_features`: fixed-length numeric vectors (log-scaled), with the serving
+   config (batch, threads) as inputs, and optional per-op runtime features (measured op latency
+   under 1 and 2 threads, RaPP's runtime features) plus a flag saying whether they are present, so
+   a new, never-profiled program is predicted from static features alone. A config whose batch
+   differs from the graph's scales the batch-proportional quantities (FLOPs, activation bytes,
+   output elements) by the ratio; parameter bytes do not scale.
+
+`FEATURE_SCHEMA` names the layout; checkpoints store it and refuse another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from base64 import b64decode, b64encode
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+
+from morphc.ir.metadata import OpClass, node_meta, op_name
+from morphc.ir.program import Program
+from morphc.predictors.spaces import CpuConfig, GpuConfig
+
+OPGRAPH_VERSION = 1
+FEATURE_SCHEMA = "morphc-cost-features-v1"
+
+OP_CLASSES: tuple[str, ...] = tuple(c.value for c in OpClass)
+# Operators frequent enough in inference graphs to get their own one-hot column; the rest share "other".
+OP_VOCAB: tuple[str, ...] = (
+    "conv2d", "convolution", "linear", "addmm", "mm", "bmm", "matmul", "scaled_dot_product_attention",
+    "batch_norm", "_native_batch_norm_legit_no_training", "layer_norm", "group_norm", "relu", "relu6", "gelu",
+    "silu", "sigmoid", "tanh", "hardtanh", "softmax", "_softmax", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+    "mean", "sum", "add", "sub", "mul", "div", "where", "masked_fill", "embedding", "view", "reshape", "permute",
+    "transpose", "flatten", "cat", "slice", "select", "expand", "contiguous", "unsqueeze", "split", "clone",
+    "_to_copy", "to", "arange", "pow", "tanh", "dropout", "layer_norm", "rsub",
+)
+_VOCAB_INDEX = {name: i for i, name in enumerate(dict.fromkeys(OP_VOCAB))}
+N_VOCAB = len(_VOCAB_INDEX) + 1
+N_NUMERIC = 9  # flops, act bytes, param bytes, out numel, out rank, attr0..2, intensity
+N_RUNTIME = 3  # log op ms at 1 thread, at 2 threads, present flag
+N_CONFIG = 4  # log2 batch, batch scale ratio, 1/threads, log2 threads
+NODE_DIM = len(OP_CLASSES) + N_VOCAB + N_NUMERIC + N_RUNTIME + N_CONFIG
+GRAPH_DIM = 12
+
+
+@dataclass(frozen=True)
+class OpGraph:
+    """Raw per-node facts and dataflow edges of one Program (see the module docstring)."""
+
+    ops: tuple[str, ...]
+    classes: tuple[str, ...]
+    numeric: np.ndarray  # [N, 8] float64: flops, act_bytes, param_bytes, out_numel, out_rank, attr0, attr1, attr2
+    edges: np.ndarray  # [E, 2] int32 (source, destination) indices into the nodes
+    names: tuple[str, ...]  # fx node names, to attach per-op measurements
+    batch: int
+    n_inputs: int
+    n_outputs: int
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.ops)
+
+    def to_json(self) -> dict[str, Any]:
+        """A compact JSON-able form (zlib + base64) for the records database."""
+        raw = {"version": OPGRAPH_VERSION, "ops": self.ops, "classes": self.classes,
+               "numeric": self.numeric.tolist(), "edges": self.edges.tolist(), "names": self.names,
+               "batch": self.batch, "n_inputs": self.n_inputs, "n_outputs": self.n_outputs}
+        return {"opgraph": b64encode(zlib.compress(json.dumps(raw).encode(), 9)).decode()}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> OpGraph:
+        try:
+            raw = json.loads(zlib.decompress(b64decode(data["opgraph"])))
+        except (KeyError, ValueError, zlib.error, TypeError) as exc:
+            raise ValueError(f"stored op graph is corrupt: {exc}") from exc
+        if raw.get("version") != OPGRAPH_VERSION:
+            raise ValueError(f"stored op graph has version {raw.get('version')}; this morphc reads {OPGRAPH_VERSION}")
+        return OpGraph(tuple(raw["ops"]), tuple(raw["classes"]), np.asarray(raw["numeric"], dtype=np.float64),
+                       np.asarray(raw["edges"], dtype=np.int32).reshape(-1, 2), tuple(raw["names"]), int(raw["batch"]),
+                       int(raw["n_inputs"]), int(raw["n_outputs"]))
+
+
+def _shape(node: Any) -> tuple[int, ...]:
+    if isinstance(node, fx.Node) and "morphc" in node.meta:
+        s = node_meta(node).shape
+        return tuple(s) if s is not None else ()
+    return ()
+
+
+def _attrs(node: fx.Node, name: str) -> tuple[float, float, float]:
+    """Key attributes by operator family; zeros where they do not apply."""
+    args = node.args
+    if name in ("conv2d", "convolution", "conv1d", "_convolution") and len(args) >= 2:
+        w = _shape(args[1])
+        kernel = math.prod(w[2:]) if len(w) > 2 else 1
+        stride = args[3] if len(args) > 3 else 1
+        stride_v = float(stride[0] if isinstance(stride, (list, tuple)) else stride)
+        groups = args[6] if name == "conv2d" and len(args) > 6 else args[8] if len(args) > 8 else 1
+        return float(kernel), stride_v, float(groups if isinstance(groups, int) else 1)
+    if name in ("linear", "addmm", "mm", "bmm", "matmul") and args:
+        a = _shape(args[1] if name == "addmm" and len(args) > 1 else args[0])
+        return (float(a[-1]) if a else 0.0), float(len(a)), 0.0
+    if name == "scaled_dot_product_attention" and len(args) >= 2:
+        q, k = _shape(args[0]), _shape(args[1])
+        return (float(q[-2]) if len(q) >= 2 else 0.0), (float(k[-2]) if len(k) >= 2 else 0.0), (
+            float(q[-1]) if q else 0.0)
+    if name in ("max_pool2d", "avg_pool2d") and len(args) >= 2:
+        k = args[1]
+        return float(math.prod(k) if isinstance(k, (list, tuple)) else k * k), 0.0, 0.0
+    return 0.0, 0.0, 0.0
+
+
+def extract(program: Program) -> OpGraph:
+    """The OpGraph of `program` (deterministic: graph order, no hashing of object ids)."""
+    index: dict[fx.Node, int] = {}
+    ops: list[str] = []
+    classes: list[str] = []
+    numeric: list[list[float]] = []
+    names: list[str] = []
+    edges: list[tuple[int, int]] = []
+    n_outputs = 0
+    for node in program.graph.nodes:
+        if node.op == "output":
+            n_outputs = len(program.outputs)
+            continue
+        if node.op not in ("placeholder", "call_function"):
+            continue
+        meta = node_meta(node)
+        name = "input" if node.op == "placeholder" else op_name(node.target)
+        out_numel = sum(math.prod(o.shape) for o in meta.outputs)
+        out_rank = max((len(o.shape) for o in meta.outputs), default=0)
+        act = max(meta.bytes_moved - meta.param_bytes, 0)
+        index[node] = len(ops)
+        ops.append(name)
+        classes.append(meta.op_class.value)
+        numeric.append([float(meta.flops), float(act), float(meta.param_bytes), float(out_numel), float(out_rank),
+                        *_attrs(node, name)])
+        names.append(node.name)
+        for src in node.all_input_nodes:
+            if src in index:
+                edges.append((index[src], index[node]))
+    batch = int(program.inputs[0].shape[0]) if program.inputs and program.inputs[0].shape else 1
+    return OpGraph(tuple(ops), tuple(classes), np.asarray(numeric, dtype=np.float64).reshape(-1, 8),
+                   np.asarray(edges, dtype=np.int32).reshape(-1, 2), tuple(names), batch,
+                   len(program.inputs), n_outputs)
+
+
+def _config_values(graph: OpGraph, config: CpuConfig | GpuConfig) -> tuple[float, float, float]:
+    """(batch, batch ratio, threads-like share) of `config` for `graph`."""
+    batch = float(config.batch if config.batch is not None else graph.batch)
+    share = float(config.threads) if isinstance(config, CpuConfig) else config.sm_share / 100 * config.time_quota
+    return batch, batch / graph.batch, share
+
+
+def static_node_block(graph: OpGraph) -> np.ndarray:
+    """The config-independent columns (one-hots) of the node features; cached by callers."""
+    n = graph.num_nodes
+    block = np.zeros((n, len(OP_CLASSES) + N_VOCAB), dtype=np.float32)
+    cls_index = {c: i for i, c in enumerate(OP_CLASSES)}
+    for i, (cls, op) in enumerate(zip(graph.classes, graph.ops)):
+        block[i, cls_index.get(cls, cls_index["other"])] = 1.0
+        block[i, len(OP_CLASSES) + _VOCAB_INDEX.get(op, N_VOCAB - 1)] = 1.0
+    return block
+
+
+def node_features(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.ndarray | None = None,
+                  static_block: np.ndarray | None = None) -> np.ndarray:
+    """[N, NODE_DIM] float32 features; `runtime` is [N, 2] measured op ms at 1 and 2 threads (or None)."""
+    batch, ratio, share = _config_values(graph, config)
+    num = graph.numeric
+    flops, act, params, numel = num[:, 0] * ratio, num[:, 1] * ratio, num[:, 2], num[:, 3] * ratio
+    intensity = np.log1p(flops / np.maximum(act + params, 1.0))
+    numeric = np.stack([np.log1p(flops) / 20, np.log1p(act) / 20, np.log1p(params) / 20, np.log1p(numel) / 15,
+                        num[:, 4] / 4, np.log1p(num[:, 5]) / 5, np.log1p(num[:, 6]) / 5, np.log1p(num[:, 7]) / 5,
+                        intensity / 5], axis=1)
+    rt = np.zeros((graph.num_nodes, N_RUNTIME))
+    if runtime is not None:
+        if runtime.shape != (graph.num_nodes, 2):
+            raise ValueError(f"runtime features must be [{graph.num_nodes}, 2] (op ms at 1 and 2 threads), "
+                             f"got {list(runtime.shape)}")
+        rt[:, :2] = np.log1p(np.maximum(runtime, 0.0) * 1e3 * ratio) / 10
+        rt[:, 2] = 1.0
+    cfg = np.tile([math.log2(batch) / 4, math.log2(ratio) / 4, 1.0 / share, math.log2(share) / 2],
+                  (graph.num_nodes, 1))
+    block = static_block if static_block is not None else static_node_block(graph)
+    return np.concatenate([block, numeric, rt, cfg], axis=1).astype(np.float32)
+
+
+def graph_features(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
+    """[GRAPH_DIM] float32: totals (log FLOPs, bytes, params, nodes, edges), op mix, config."""
+    batch, ratio, share = _config_values(graph, config)
+    num = graph.numeric
+    classes = np.asarray(graph.classes)
+    heavy = np.isin(classes, ("conv", "linear", "attention")).sum()
+    shape_ops = (classes == "shape").sum()
+    return np.asarray([
+        np.log1p(num[:, 0].sum() * ratio) / 20, np.log1p(num[:, 1].sum() * ratio) / 20,
+        np.log1p(num[:, 2].sum()) / 20, math.log1p(graph.num_nodes) / 7, math.log1p(len(graph.edges)) / 7,
+        math.log1p(heavy) / 5, math.log1p(shape_ops) / 5, graph.n_outputs / 4, math.log2(batch) / 4,
+        math.log2(ratio) / 4, 1.0 / share, math.log2(share) / 2,
+    ], dtype=np.float32)
+
+
+def runtime_matrix(graph: OpGraph, per_thread: dict[int, dict[str, float]]) -> np.ndarray | None:
+    """[N, 2] per-op ms at 1 and 2 threads from `profile_ops` results by thread count (None if missing)."""
+    if 1 not in per_thread or 2 not in per_thread:
+        return None
+    out = np.zeros((graph.num_nodes, 2))
+    for j, threads in enumerate((1, 2)):
+        times = per_thread[threads]
+        out[:, j] = [times.get(name, 0.0) for name in graph.names]
+    return out

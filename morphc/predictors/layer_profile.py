@@ -1,0 +1,97 @@
+"""Per-layer load profiles, measured with the cold-start executor and kept in the records database.
+
+For each layer (`morphc.ir.load_plan.group_layers`): the time to load it (read from a cold file
+on one I/O thread, in load order, as a pipeline would), the time to compute its segment with the
+weights resident, and the time to compute it on the weights where they lie from the cold state
+(direct access). Measured from real cold runs of two baselines of the same executor: on-demand
+(every layer loaded back to back, then the whole model computed on resident weights) gives load
+and resident compute times; direct-access-only gives the direct times. Medians over `runs`.
+
+Stored as kind "layer-profile" keyed by `layer_profile_key(program)` (the same before and after
+scheduling) and the device fingerprint, so `insert-load-schedule` finds it through
+`PassContext.records`; a killed profiling run loses nothing already stored.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+
+from morphc.ir.load_plan import LayerCost, LayerCosts, group_layers, layer_profile_key
+from morphc.ir.program import Program
+from morphc.passes.load_schedule import PROFILE_KIND, InsertLoadSchedule
+from morphc.passes.manager import PassContext
+from morphc.predictors.records import RecordsDB, device_fingerprint
+from morphc.runtime.cold_start import ColdStartExecutor, Timeline, WeightsFile
+
+KIND = PROFILE_KIND
+
+
+def _schedule(program: Program, strategy: str) -> Program:
+    p = program.clone()
+    result = InsertLoadSchedule(strategy=strategy).run(p, PassContext())
+    if result.modified:
+        result.program.mark_modified()
+    return result.program
+
+
+def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, runs: int = 3,
+                        inputs: tuple[torch.Tensor, ...] | None = None) -> LayerCosts:
+    """Measure the per-layer profile of an unscheduled program from the cold state (disk tier)."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    inputs = inputs if inputs is not None else program.example_inputs
+    layers = group_layers(program)
+    on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights)
+    direct = ColdStartExecutor(_schedule(program, "direct"), weights)
+    on_demand.run(*inputs, cold=False)  # warm the process (kernels, allocator); the weights go cold below
+    od_runs: list[Timeline] = []
+    dr_runs: list[Timeline] = []
+    for _ in range(runs):
+        od_runs.append(on_demand.run(*inputs, cold=True)[1])
+        dr_runs.append(direct.run(*inputs, cold=True)[1])
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    costs = []
+    for i, layer in enumerate(layers):
+        load = med([t.layers[i].load_end_ms - t.layers[i].load_start_ms for t in od_runs])
+        compute = med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in od_runs])
+        # computing on weights that are not resident cannot beat computing on resident ones: a direct
+        # time below the resident one is noise (preemption on shared cores), and the planner would chase it
+        direct_ms = max(compute, med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in dr_runs]))
+        costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms))
+    prologue = med([max(0.0, t.prologue_end_ms - t.prologue_start_ms) if t.prologue_start_ms >= 0 else 0.0
+                    for t in od_runs])
+    spans = [max(r.layers[i].load_end_ms for i in range(len(layers))) -
+             min(r.layers[i].load_start_ms for i in range(len(layers))) for r in od_runs] if len(layers) else [0.0]
+    bandwidth = layers.nbytes / (med(spans) * 1e6) if med(spans) > 0 else 0.0
+    resident = med([t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0) for t in od_runs])
+    extra = {"runs": runs, "threads": torch.get_num_threads(), "cold_read_gbs": bandwidth,
+             "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
+             "direct_ms": med([t.total_ms for t in dr_runs]),
+             "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs])}
+    return LayerCosts(tuple(costs), prologue, "measured", "disk", bandwidth, 0.0, extra)
+
+
+def profile_layers(program: Program, db: RecordsDB, weights: WeightsFile | str | Path, *, runs: int = 3,
+                   refresh: bool = False) -> LayerCosts:
+    """The program's layer profile from `db`, measuring and storing it first when missing (or `refresh`)."""
+    config = {"tier": "disk", "threads": torch.get_num_threads(), "runs": runs}
+    key, device = layer_profile_key(program), device_fingerprint("cpu")
+    if not refresh:
+        record = db.get(KIND, key, device, config)
+        if record is not None:
+            return LayerCosts.from_json(record.stats)
+    costs = measure_layer_costs(program, weights, runs=runs)
+    db.put(KIND, key, device, config, costs.to_json())
+    return costs
+
+
+def stored_profile(db: RecordsDB, program: Program, device: str = "cpu") -> LayerCosts | None:
+    """The newest stored layer profile of this program on this machine, or None."""
+    found = list(db.query(kind=KIND, model=layer_profile_key(program), device=device_fingerprint(device)))
+    return LayerCosts.from_json(found[-1].stats) if found else None

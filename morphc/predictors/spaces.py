@@ -1,0 +1,184 @@
+"""Device profiles and their serving-configuration spaces: the knobs a latency depends on.
+
+A `DeviceProfile` declares, per device kind, which resource knobs exist, which values are swept
+when profiling, and *how each knob is applied when measuring* (the profiler and the cost model
+read the same declaration, so a config means the same thing at collection and prediction time).
+
+CPU (measured here): batch size (the Program is lowered with example inputs of that batch: shapes
+are static) and intra-op threads (`torch.set_num_threads`). GPU (declared as RaPP and FaST-GShare
+define it, not measurable on this project's machines, which have no GPU): batch size, SM share
+(the MPS active-thread percentage, `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, set on the client process
+before it creates its CUDA context) and time quota (the share of each scheduling window the
+process may hold the GPU, FaST-GShare's token bucket). `GpuConfig` validates and describes those
+knobs so records and checkpoints can carry them; measuring one raises `DeviceUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from morphc.errors import MorphcError
+
+
+class DeviceUnavailableError(MorphcError):
+    """A config names a device this machine cannot measure (e.g. a GPU config without a GPU)."""
+
+
+class ConfigError(MorphcError, ValueError):
+    """A serving config with an unknown knob or a value outside its valid range."""
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One resource knob: the values profiling sweeps and how the profiler applies it."""
+
+    name: str
+    values: tuple[Any, ...]
+    applied: str  # how the knob is applied when measuring (shown by `morphc profile --space`)
+    measurable_here: bool = True
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """A CPU serving config: intra-op `threads`, and `batch` (None: the Program's own batch)."""
+
+    threads: int = 1
+    batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"CpuConfig.threads must be >= 1, got {self.threads}")
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise ValueError(f"CpuConfig.batch must be None (the program's batch) or >= 1, got {self.batch}")
+
+    device = "cpu"
+
+    def with_batch(self, batch: int) -> CpuConfig:
+        return CpuConfig(threads=self.threads, batch=batch)
+
+    def as_record(self) -> dict[str, Any]:
+        """The records-database key of this config."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    """A GPU serving config (RaPP's resource space): batch, SM share in percent, time quota in (0, 1]."""
+
+    batch: int | None = None
+    sm_share: int = 100  # MPS active-thread percentage, 1..100
+    time_quota: float = 1.0  # share of each scheduling window, (0, 1]
+
+    device = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.batch is not None and self.batch < 1:
+            raise ValueError(f"GpuConfig.batch must be None or >= 1, got {self.batch}")
+        if not 1 <= self.sm_share <= 100:
+            raise ValueError(f"GpuConfig.sm_share is an MPS active-thread percentage in 1..100, got {self.sm_share}")
+        if not 0 < self.time_quota <= 1:
+            raise ValueError(f"GpuConfig.time_quota must be in (0, 1], got {self.time_quota}")
+
+    def with_batch(self, batch: int) -> GpuConfig:
+        return GpuConfig(batch=batch, sm_share=self.sm_share, time_quota=self.time_quota)
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Config = CpuConfig | GpuConfig
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device kind with its declared knobs; `configs()` enumerates the profiling grid."""
+
+    kind: str
+    knobs: tuple[Knob, ...]
+    description: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def knob(self, name: str) -> Knob:
+        for k in self.knobs:
+            if k.name == name:
+                return k
+        raise ConfigError(f"device '{self.kind}' has no knob '{name}' (knobs: {[k.name for k in self.knobs]})")
+
+    def configs(self, **overrides: tuple[Any, ...]) -> Iterator[Config]:
+        """Every config of the grid (a knob's values can be narrowed with `name=(v1, v2)`)."""
+        for name in overrides:
+            self.knob(name)
+        names = [k.name for k in self.knobs]
+        grids = [overrides.get(k.name, k.values) for k in self.knobs]
+        for values in itertools.product(*grids):
+            yield config_from_dict(self.kind, dict(zip(names, values)))
+
+
+CPU = DeviceProfile(
+    kind="cpu",
+    knobs=(
+        Knob("batch", (1, 4, 8), "the Program is lowered with example inputs of this batch (static shapes)"),
+        Knob("threads", (1, 2), "torch.set_num_threads(threads) around the timed calls, restored afterwards"),
+    ),
+    description="eager torch on CPU cores shared with other processes",
+    notes=("the 1-minute load average is stored with every measurement (other processes share the cores)",),
+)
+
+GPU = DeviceProfile(
+    kind="cuda",
+    knobs=(
+        Knob("batch", (1, 2, 4, 8, 16, 32), "the Program is lowered with example inputs of this batch",
+             measurable_here=False),
+        Knob("sm_share", (10, 20, 30, 50, 70, 100),
+             "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for the measuring process (needs an MPS daemon), as RaPP",
+             measurable_here=False),
+        Knob("time_quota", (0.25, 0.5, 0.75, 1.0),
+             "share of each scheduling window the process may run kernels (FaST-GShare's time token bucket)",
+             measurable_here=False),
+    ),
+    description="declared only: this project's machines have no GPU, so no GPU profile is collected",
+)
+
+PROFILES: dict[str, DeviceProfile] = {"cpu": CPU, "cuda": GPU}
+
+
+def profile_of(kind: str) -> DeviceProfile:
+    try:
+        return PROFILES[kind]
+    except KeyError:
+        raise ConfigError(f"unknown device kind '{kind}'; valid: {sorted(PROFILES)}") from None
+
+
+def config_from_dict(kind: str, values: Mapping[str, Any]) -> Config:
+    """A config from a {knob: value} mapping, refusing unknown knobs with the valid ones named."""
+    cls = CpuConfig if kind == "cpu" else GpuConfig if kind == "cuda" else None
+    if cls is None:
+        raise ConfigError(f"unknown device kind '{kind}'; valid: {sorted(PROFILES)}")
+    valid = set(cls.__dataclass_fields__)
+    unknown = set(values) - valid
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no knob(s) {sorted(unknown)}; valid knobs: {sorted(valid)}")
+    try:
+        return cls(**dict(values))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def parse_config(text: str, kind: str = "cpu") -> Config:
+    """`"batch=8,threads=2"` -> CpuConfig(threads=2, batch=8) (the CLI's config syntax)."""
+    values: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise ConfigError(f"config item '{part}' must be knob=value (e.g. 'batch=8,threads=2')")
+        try:
+            values[key.strip()] = int(raw)
+        except ValueError:
+            try:
+                values[key.strip()] = float(raw)
+            except ValueError:
+                raise ConfigError(f"config value '{raw}' of '{key}' is not a number") from None
+    return config_from_dict(kind, values)

@@ -1,0 +1,599 @@
+"""The cold-start executor: run a scheduled Program's first inference with its weights off the device.
+
+Memory tiers (where weights start, what "load" and "direct access" mean):
+
+- `DiskTier` (CPU): weights in a safetensors file written in load order (`write_weights`: layer by
+  layer, every tensor 64-byte aligned), memory-mapped. A *load* reads the layer's byte range into
+  RAM with one `preadv` on an I/O thread (GIL released, overlapping compute); *direct access*
+  computes on tensors viewing the mapped pages, so only the pages an operator touches are read (an
+  embedding lookup touches its rows). Cold is real: `evict()` drops the file's pages from the page
+  cache with posix_fadvise(POSIX_FADV_DONTNEED) (after fsync; mapped pages cannot be dropped, so
+  every run maps the file afresh and unmaps it after), and `resident_fraction()` checks it with
+  mincore(2) through ctypes.
+- `HostTier` (GPU): weights in pinned host memory. A *load* copies a layer host->device with
+  `non_blocking` copies on a per-channel copy stream; *direct access* hands kernels a device
+  pointer to mapped pinned memory, done with stock PyTorch: `torch.cuda.cudart().cudaHostRegister(
+  ptr, nbytes, cudaHostRegisterMapped | cudaHostRegisterPortable)` on the host tensor's memory,
+  then, since CUDA's unified virtual addressing makes the host address valid on the device for
+  registered memory, wrapping that address as a CUDA tensor through `__cuda_array_interface__`
+  (`torch.as_tensor(obj, device="cuda")`, zero copy). Parallel transmission: channel c copies
+  over GPU c's own PCIe link and forwards to the compute GPU over the device link. No GPU was
+  available where this was written: the pointer/interface construction and registration calls are
+  tested against a stand-in cudart, the CUDA paths themselves are not run (see docs).
+
+The executor walks the scheduled graph in order: a `morphc::prefetch` issues its layer's load on
+its channel's I/O thread (FIFO, as the planner assumed), a `morphc::wait` blocks until that load
+is done and yields the loaded tensor; plain `get_attr`s of direct-access layers yield views of
+the tier. It records the real timeline: per layer load start/end (I/O thread) and compute
+start/end (compute thread), plus the bytes the process read from storage (/proc/self/io).
+Baselines are the same executor on programs scheduled with the other strategies of
+`insert-load-schedule` (on-demand, pipeline, direct).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import mmap
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from morphc.errors import MorphcError
+from morphc.ir.load_plan import PREFETCH, WAIT, Layers, LoadPlan, group_layers, is_schedule_node
+from morphc.ir.program import Program
+
+ALIGN = 64
+SWITCH_INTERVAL_S = 2e-4
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+class ColdStartError(MorphcError):
+    """The cold-start executor cannot run this program, weights file or device."""
+
+
+# --- the weights file (disk tier) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    attr: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    name: str
+    start: int
+    end: int
+    attrs: tuple[str, ...]
+
+
+def write_weights(program: Program, path: str | Path, layers: Layers | None = None) -> WeightsFile:
+    """Write the program's weights as a safetensors file in load order, 64-byte aligned, synced.
+
+    Layer after layer in first-use order (each layer one contiguous range, read with one call);
+    alignment gaps are filled with small uint8 padding tensors so the file stays valid safetensors.
+    """
+    layers = layers or group_layers(program)
+    path = Path(path)
+    order = [a for layer in layers for a in layer.attrs]
+    header: dict[str, Any] = {}
+    blobs: list[bytes | torch.Tensor] = []
+    offset = 0
+    pads = 0
+    ranges = []
+    for layer in layers:
+        start = None
+        for attr in layer.attrs:
+            t = program.tensor(attr).detach().contiguous()
+            if t.dtype not in _DTYPES:
+                raise ColdStartError(f"weight '{attr}' has dtype {t.dtype}, which the weights file cannot hold; "
+                                     f"supported: {', '.join(str(d) for d in _DTYPES)}")
+            if offset % ALIGN:
+                gap = ALIGN - offset % ALIGN
+                header[f"__pad{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+                blobs.append(bytes(gap))
+                offset += gap
+                pads += 1
+            start = offset if start is None else start
+            nbytes = t.numel() * t.element_size()
+            header[attr] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            blobs.append(t)
+            offset += nbytes
+        ranges.append((layer.name, start or 0, offset, layer.attrs))
+    header["__metadata__"] = {"format": "morphc.weights", "layers": json.dumps(ranges), "order": json.dumps(order)}
+    text = json.dumps(header, separators=(",", ":"))
+    length = len(text.encode())
+    length += (-(8 + length)) % ALIGN  # the data section starts aligned too
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(length.to_bytes(8, "little"))
+        f.write(text.encode().ljust(length, b" "))
+        for blob in blobs:
+            f.write(blob if isinstance(blob, bytes) else blob.view(torch.uint8).reshape(-1).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be evicted: make them clean
+    return WeightsFile(path)
+
+
+class WeightsFile:
+    """A weights file written by `write_weights`: its tensor and layer byte ranges, and the page cache."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ColdStartError(f"no weights file at '{self.path}' (write one with write_weights(program, path))")
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(n))
+                meta = header.pop("__metadata__")
+                layers = json.loads(meta["layers"])
+            except (ValueError, KeyError) as exc:
+                raise ColdStartError(f"'{self.path}' is not a morphc weights file (written by write_weights): "
+                                     f"{exc!r}") from exc
+        base = 8 + n
+        self.data_start = base
+        self.size = self.path.stat().st_size
+        self.tensors = {name: TensorEntry(name, _FROM_NAME[e["dtype"]], tuple(e["shape"]),
+                                          base + e["data_offsets"][0], base + e["data_offsets"][1])
+                        for name, e in header.items() if not name.startswith("__pad")}
+        self.layers = [LayerRange(name, base + s, base + e, tuple(attrs)) for name, s, e, attrs in layers]
+        self.by_name = {layer.name: layer for layer in self.layers}
+
+    def check_program(self, program: Program, layers: Layers | None = None) -> None:
+        layers = layers or group_layers(program)
+        missing = [a for layer in layers for a in layer.attrs if a not in self.tensors]
+        if missing:
+            raise ColdStartError(f"weights file '{self.path}' lacks {len(missing)} tensor(s) the program reads, "
+                                 f"e.g. {missing[:3]}; write it from this program with write_weights")
+
+    # page cache ----------------------------------------------------------------------------------
+
+    def evict(self) -> None:
+        """Drop the file's pages from the page cache (the cold state). Mapped pages stay: unmap first."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def resident_fraction(self, start: int = 0, end: int | None = None) -> float:
+        """Fraction of the file's pages (in [start, end)) in the page cache, from mincore(2)."""
+        return resident_fraction(self.path, start, end)
+
+
+_LIBC: Any = None
+
+
+def resident_fraction(path: str | Path, start: int = 0, end: int | None = None) -> float:
+    """Fraction of a file's pages in [start, end) that are in the page cache (mincore on a fresh map)."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    end = size if end is None else min(end, size)
+    if end <= start:
+        return 0.0
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        buf = (ctypes.c_char * size).from_buffer(mm)
+        try:
+            addr = ctypes.addressof(buf)
+            first, last = start // page, (end + page - 1) // page
+            vec = (ctypes.c_ubyte * (last - first))()
+            if _LIBC.mincore(ctypes.c_void_p(addr + first * page), ctypes.c_size_t((last - first) * page), vec):
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            return sum(v & 1 for v in vec) / (last - first)
+        finally:
+            del buf
+    finally:
+        mm.close()
+
+
+def read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (/proc/self/io), None where unavailable."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# --- tiers -----------------------------------------------------------------------------------------
+
+
+class DiskTier:
+    """CPU: file on disk -> RAM (see the module docstring). One run maps the file afresh."""
+
+    name = "disk"
+
+    def __init__(self, weights: WeightsFile, sparse: Sequence[str] = ()) -> None:
+        self.weights = weights
+        self.sparse = tuple(sparse)  # direct-access layers touched sparsely (embedding lookups)
+        self._mm: mmap.mmap | None = None
+        self._base: torch.Tensor | None = None
+        self._fd: int | None = None
+
+    def begin(self, cold: bool) -> None:
+        if cold:
+            self.weights.evict()
+        self._fd = os.open(self.weights.path, os.O_RDONLY)
+        self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)  # private: tensors may be written, file not
+        # no speculative read-around (read_ahead_kb may be MBs, and it reads *around* a fault, into the
+        # neighbouring layers): a sparse lookup reads only its pages, a dense layer asks for its range
+        self._mm.madvise(mmap.MADV_RANDOM)
+        self._base = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def will_need(self, name: str) -> None:
+        """A dense direct-access layer is about to be computed on: read exactly its pages (async)."""
+        if name in self.sparse or self._mm is None:
+            return
+        r = self.weights.by_name[name]
+        start = r.start - r.start % mmap.PAGESIZE
+        if r.end > start:
+            self._mm.madvise(mmap.MADV_WILLNEED, start, r.end - start)
+
+    def view(self, attr: str) -> torch.Tensor:
+        """The tensor on the mapped pages (direct access: touching it reads only those pages)."""
+        e = self.weights.tensors[attr]
+        assert self._base is not None
+        return self._base[e.start:e.end].view(e.dtype).view(e.shape)
+
+    def load(self, layer: LayerRange) -> dict[str, torch.Tensor]:
+        """Read the layer's range into fresh RAM with preadv (on an I/O thread: the GIL is released)."""
+        assert self._fd is not None
+        buf = torch.empty(layer.end - layer.start, dtype=torch.uint8)
+        mv = memoryview(buf.numpy())
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self._fd, [mv[done:]], layer.start + done)
+            if n <= 0:
+                raise ColdStartError(f"short read of layer '{layer.name}' from '{self.weights.path}'")
+            done += n
+        out = {}
+        for attr in layer.attrs:
+            e = self.weights.tensors[attr]
+            out[attr] = buf[e.start - layer.start:e.end - layer.start].view(e.dtype).view(e.shape)
+        return out
+
+    def end(self) -> None:
+        self._base = None
+        gc.collect()
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view (an output aliasing a weight)
+                self._mm.close()  # then GC unmaps it later
+            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+CUDA_HOST_REGISTER_PORTABLE = 1
+CUDA_HOST_REGISTER_MAPPED = 2
+
+_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.float64: "<f8", torch.int64: "<i8",
+            torch.int32: "<i4", torch.int16: "<i2", torch.int8: "|i1", torch.uint8: "|u1", torch.bool: "|b1"}
+
+
+class _CudaArray:
+    """Exposes a device address as `__cuda_array_interface__` (v3) so torch can wrap it without a copy."""
+
+    def __init__(self, interface: dict[str, Any], owner: torch.Tensor) -> None:
+        self.__cuda_array_interface__ = interface
+        self.owner = owner  # keep the host memory alive as long as the device view
+
+
+def cuda_array_interface(host: torch.Tensor) -> dict[str, Any]:
+    """The `__cuda_array_interface__` describing a registered (mapped) host tensor's memory."""
+    if host.dtype not in _TYPESTR:
+        raise ColdStartError(f"direct host access cannot wrap dtype {host.dtype}; supported: {list(_TYPESTR)}")
+    if not host.is_contiguous():
+        raise ColdStartError("direct host access needs a contiguous host tensor")
+    return {"shape": tuple(host.shape), "typestr": _TYPESTR[host.dtype], "data": (host.data_ptr(), True),
+            "strides": None, "version": 3}
+
+
+def register_mapped(host: torch.Tensor, cudart: Any = None) -> None:
+    """cudaHostRegister(ptr, nbytes, Mapped | Portable): make pinned-able host memory device-addressable."""
+    cudart = cudart if cudart is not None else torch.cuda.cudart()
+    flags = CUDA_HOST_REGISTER_MAPPED | CUDA_HOST_REGISTER_PORTABLE
+    err = cudart.cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), flags)
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise ColdStartError(f"cudaHostRegister failed with CUDA error {code} for {host.numel() * host.element_size()} "
+                             "bytes (is the memory already registered or pinned?)")
+
+
+def direct_device_view(host: torch.Tensor, device: str = "cuda", cudart: Any = None,
+                       as_tensor: Callable[..., torch.Tensor] = torch.as_tensor) -> torch.Tensor:
+    """A CUDA tensor reading `host` over PCIe (DeepPlan's direct host access with stock PyTorch):
+    register the memory as mapped, then wrap its (UVA) address as a device tensor."""
+    register_mapped(host, cudart)
+    return as_tensor(_CudaArray(cuda_array_interface(host), host), device=device)
+
+
+class HostTier:
+    """GPU: pinned host memory -> device memory over PCIe, per-channel copy streams, direct host access.
+
+    Not run here (no GPU on this machine); see the module docstring.
+    """
+
+    name = "host"
+
+    def __init__(self, weights: WeightsFile, device: str = "cuda:0", channels: int = 1) -> None:
+        if not torch.cuda.is_available():
+            raise ColdStartError("the host->GPU tier needs CUDA, and torch.cuda.is_available() is False on this "
+                                 "machine; use device='cpu' (the disk tier)")
+        if channels > torch.cuda.device_count():
+            raise ColdStartError(f"parallel transmission over {channels} channels needs {channels} GPUs; "
+                                 f"this machine has {torch.cuda.device_count()}")
+        self.weights = weights
+        self.device = torch.device(device)
+        self.host: dict[str, torch.Tensor] = {}
+        with open(weights.path, "rb") as f:
+            for attr, e in weights.tensors.items():
+                f.seek(e.start)
+                t = torch.empty(e.shape, dtype=e.dtype).pin_memory()
+                f.readinto(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                self.host[attr] = t
+        self.streams = [torch.cuda.Stream(device=torch.device("cuda", c)) for c in range(channels)]
+        self._direct: dict[str, torch.Tensor] = {}
+
+    def begin(self, cold: bool) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def view(self, attr: str) -> torch.Tensor:
+        if attr not in self._direct:
+            self._direct[attr] = direct_device_view(self.host[attr], str(self.device))
+        return self._direct[attr]
+
+    def load(self, layer: LayerRange, channel: int = 0) -> dict[str, torch.Tensor]:
+        stream = self.streams[channel]
+        hop = torch.device("cuda", channel)
+        out = {}
+        with torch.cuda.stream(stream):
+            for attr in layer.attrs:
+                t = self.host[attr].to(hop, non_blocking=True)
+                out[attr] = t if hop == self.device else t.to(self.device, non_blocking=True)  # device link
+        stream.synchronize()
+        return out
+
+    def end(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+# --- the timeline -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    name: str
+    mode: str
+    channel: int
+    load_start_ms: float  # -1 for direct access
+    load_end_ms: float
+    compute_start_ms: float
+    compute_end_ms: float
+    wait_ms: float  # time the compute thread stalled waiting for this layer's load
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What one cold run did, as measured: per layer, and in total."""
+
+    strategy: str
+    tier: str
+    total_ms: float
+    prologue_start_ms: float  # compute that reads no weight, before the first layer
+    prologue_end_ms: float
+    layers: tuple[LayerTiming, ...]
+    read_bytes: int | None  # bytes read from storage during the run (None where /proc/self/io is missing)
+    cold: bool
+
+    def rows(self) -> list[tuple[float, float, float, float]]:
+        return [(t.load_start_ms, t.load_end_ms, t.compute_start_ms, t.compute_end_ms) for t in self.layers]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [asdict(t) for t in self.layers]
+        return d
+
+
+# --- the executor ----------------------------------------------------------------------------------
+
+
+class ColdStartExecutor:
+    """Runs a Program scheduled by `insert-load-schedule` from the cold state; see the module docstring."""
+
+    def __init__(self, program: Program, weights: WeightsFile | str | Path, *, device: str = "cpu") -> None:
+        plan = program.annotation(LoadPlan)
+        if plan is None:
+            raise ColdStartError("the program has no load plan: run the 'insert-load-schedule' pass on it first")
+        self.program = program
+        self.plan = plan
+        self.weights = weights if isinstance(weights, WeightsFile) else WeightsFile(weights)
+        self.layers = group_layers(program)
+        self.weights.check_program(program, self.layers)
+        if [layer.name for layer in self.layers] != [e[0] for e in plan.layers]:
+            raise ColdStartError("the program's layers no longer match its load plan (was it changed after "
+                                 "insert-load-schedule?); schedule it again")
+        missing = [layer.name for layer in self.layers if layer.name not in self.weights.by_name]
+        if missing:
+            raise ColdStartError(f"weights file '{self.weights.path}' has no layer(s) {missing[:3]}: write it from "
+                                 "this program with write_weights")
+        if device.startswith("cuda"):
+            self.tier: DiskTier | HostTier = HostTier(self.weights, device, plan.channels)
+        elif device == "cpu":
+            sparse = [layer.name for layer, mode in zip(self.layers, plan.modes())
+                      if mode == "direct" and layer.touched_bytes < layer.nbytes // 2]
+            self.tier = DiskTier(self.weights, sparse)
+        else:
+            raise ColdStartError(f"unknown device {device!r}; valid: 'cpu' (disk tier) or 'cuda[:N]' (host tier)")
+        self.device = device
+        segment = self.layers.segment_of()
+        self._steps: list[tuple[fx.Node, int | None]] = [
+            (n, segment.get(n.name) if n.op == "call_function" and not is_schedule_node(n) else None)
+            for n in program.graph.nodes]
+
+    def run(self, *inputs: torch.Tensor, cold: bool = True) -> tuple[dict[str, torch.Tensor], Timeline]:
+        """One first inference: evict (cold=True), then run with the plan; returns outputs and the timeline."""
+        self.program.check_inputs(inputs)
+        plan = self.plan
+        n = len(self.layers)
+        channels = max(1, plan.channels)
+        load_times: dict[int, tuple[float, float]] = {}
+        seg_start = [-1.0] * n
+        seg_end = [-1.0] * n
+        waited = [0.0] * n
+        futures: dict[int, Future[dict[str, torch.Tensor]]] = {}
+        loaded: dict[int, dict[str, torch.Tensor]] = {}
+        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}") for c in range(channels)]
+        lock = threading.Lock()
+        self.tier.begin(cold)
+        switch = sys.getswitchinterval()
+        # the I/O thread needs the GIL for a moment between reads: with the default 5 ms switch interval
+        # it would wait behind the compute thread's Python dispatch; 0.2 ms keeps the channel busy
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        rb0 = read_bytes()
+        t0 = time.perf_counter()
+
+        def ms() -> float:
+            return (time.perf_counter() - t0) * 1e3
+
+        def do_load(i: int, channel: int) -> dict[str, torch.Tensor]:
+            start = ms()
+            rng = self.weights.by_name[self.layers.layers[i].name]
+            out = self.tier.load(rng, channel) if isinstance(self.tier, HostTier) else self.tier.load(rng)
+            with lock:
+                load_times[i] = (start, ms())
+            return out
+
+        direct_dense = [m == "direct" and isinstance(self.tier, DiskTier) and layer.name not in self.tier.sparse
+                        for layer, m in zip(self.layers, plan.modes())]
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(inputs)
+        current: int | None = None
+        prologue_start = prologue_end = -1.0
+        sync = self.device.startswith("cuda")
+        last_end = 0.0
+        dirty = False  # GPU: kernels queued since the last synchronize
+
+        def close_compute() -> None:
+            nonlocal last_end, dirty
+            if sync and dirty:
+                torch.cuda.synchronize(self.device)
+                last_end, dirty = ms(), False
+
+        try:
+            with torch.no_grad():
+                for node, seg in self._steps:
+                    if node.op == "placeholder":
+                        env[node] = next(placeholders)
+                    elif node.op == "get_attr":  # (a tensor no compute reads, e.g. num_batches_tracked, stays)
+                        attr = str(node.target)
+                        env[node] = self.tier.view(attr) if attr in self.weights.tensors else self.program.tensor(attr)
+                    elif node.target is PREFETCH:
+                        i = node.args[2]
+                        if i not in futures:
+                            channel = plan.layers[i][3]
+                            futures[i] = pools[channel].submit(do_load, i, channel)
+                        env[node] = env[node.args[0]]
+                    elif node.target is WAIT:
+                        i = node.args[1]
+                        if i not in loaded:
+                            close_compute()
+                            before = ms()
+                            loaded[i] = futures[i].result()
+                            waited[i] += ms() - before
+                        env[node] = loaded[i][str(_source(node).target)]
+                    elif node.op == "call_function":
+                        if seg != current and seg is not None:
+                            close_compute()
+                            if current is not None and current >= 0:
+                                seg_end[current] = last_end
+                            elif current == -1:
+                                prologue_end = last_end
+                            if seg >= 0:
+                                seg_start[seg] = ms()
+                                if direct_dense[seg]:
+                                    self.tier.will_need(self.layers.layers[seg].name)
+                            else:
+                                prologue_start = ms()
+                            current = seg
+                        args = fx.node.map_arg(node.args, env.__getitem__)
+                        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                        env[node] = node.target(*args, **kwargs)
+                        if sync:
+                            dirty = True
+                        else:
+                            last_end = ms()
+                    elif node.op == "output":
+                        leaves = fx.node.map_arg(node.args[0], env.__getitem__)
+                close_compute()
+                end = last_end
+                if current is not None and current >= 0:
+                    seg_end[current] = end
+                elif current == -1:
+                    prologue_end = end
+                for f in futures.values():
+                    f.result()
+        finally:
+            sys.setswitchinterval(switch)
+            for pool in pools:
+                pool.shutdown(wait=True)
+            env.clear()
+            loaded.clear()
+            futures.clear()
+            self.tier.end()
+        rb1 = read_bytes()
+        total = max([end, *(e for _, e in load_times.values())])
+        timings = []
+        for i, (layer, entry) in enumerate(zip(self.layers, plan.layers)):
+            ls, le = load_times.get(i, (-1.0, -1.0))
+            cs, ce = seg_start[i], seg_end[i]
+            if cs < 0:  # an empty segment (the layer shares its first use with the next one)
+                cs = ce = max([x for x in seg_end[:i] if x >= 0], default=max(prologue_end, 0.0))
+            timings.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, waited[i]))
+        outputs = dict(zip((o.name for o in self.program.outputs), leaves))
+        timeline = Timeline(plan.strategy, self.tier.name, total, prologue_start, prologue_end, tuple(timings),
+                            None if rb0 is None or rb1 is None else rb1 - rb0, cold)
+        return outputs, timeline
+
+
+def _source(node: fx.Node) -> fx.Node:
+    while is_schedule_node(node):
+        node = node.args[0]  # type: ignore[assignment]
+    return node
+
+
+def run_cold(program: Program, weights: WeightsFile | str | Path, inputs: Sequence[torch.Tensor], *,
+             runs: int = 1, device: str = "cpu") -> list[Timeline]:
+    """`runs` cold first inferences of a scheduled program; the timelines in order."""
+    exe = ColdStartExecutor(program, weights, device=device)
+    return [exe.run(*inputs, cold=True)[1] for _ in range(runs)]

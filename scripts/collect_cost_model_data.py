@@ -1,0 +1,50 @@
+"""Profile the cost-model corpus on this machine into a records database (resumable).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/collect_cost_model_data.py \
+        --db benchmarks/results/cost_model.sqlite --lock /tmp/morphc-timing.lock
+
+Every (variant, batch) of morphc.predictors.corpus is lowered, its op graph stored, and its
+end-to-end latency (threads 1 and 2, interleaved, median) and per-op latency measured. Killing it
+loses nothing: run it again and it continues. The lock is held per variant, not for the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", default="benchmarks/results/cost_model.sqlite")
+    parser.add_argument("--lock", default=None, help="flock this file while measuring each variant")
+    parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--family", action="append", help="only these families (repeatable)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N variants")
+    parser.add_argument("--cache", default=None, help="directory of lowered programs (reused when present)")
+    parser.add_argument("--lock-chunk-s", type=float, default=120.0,
+                        help="release the lock after this many seconds of measuring (others interleave)")
+    parser.add_argument("--prepare-only", action="store_true", help="only lower the programs into --cache")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    torch.set_grad_enabled(False)
+    from morphc.predictors.corpus import VARIANTS
+    from morphc.predictors.dataset import collect_corpus
+    from morphc.predictors.records import RecordsDB
+
+    variants = [v for v in VARIANTS if not args.family or v.family in args.family][: args.limit]
+    db = RecordsDB(args.db)
+    n = collect_corpus(db, variants, batches=[int(b) for b in args.batches.split(",")],
+                       threads=[int(t) for t in args.threads.split(",")], lock=args.lock, cache_dir=args.cache,
+                       prepare_only=args.prepare_only, lock_chunk_s=args.lock_chunk_s)
+    print(f"measured {n} (variant, batch) pairs now; {len(db)} records in {args.db}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

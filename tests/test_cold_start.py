@@ -1,0 +1,234 @@
+"""Cold-start executor: the weights file, a cold state that is truly cold, outputs equal to eager for
+every strategy, a real timeline, direct access reading only touched pages, the layer profile in the
+records database, and the GPU tier up to the edge this machine allows (no GPU here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+from torch import nn
+
+import morphc
+from morphc import zoo
+from morphc.ir.load_plan import LoadPlan, group_layers
+from morphc.passes import PassContext
+from morphc.predictors import layer_profile
+from morphc.predictors.records import RecordsDB
+from morphc.runtime.cold_start import (
+    ALIGN,
+    CUDA_HOST_REGISTER_MAPPED,
+    CUDA_HOST_REGISTER_PORTABLE,
+    ColdStartError,
+    ColdStartExecutor,
+    WeightsFile,
+    cuda_array_interface,
+    direct_device_view,
+    read_bytes,
+    register_mapped,
+    write_weights,
+)
+
+STRATEGIES = ["plan", "pipeline", "on-demand", "direct"]
+
+
+def _schedule(program: morphc.Program, strategy: str = "plan", **ctx) -> morphc.Program:
+    return morphc.Pipeline.parse(f"insert-load-schedule{{strategy={strategy}}}").run(
+        program, PassContext(verify_each=True, reproducer_dir=None, **ctx))
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory) -> tuple[morphc.Program, WeightsFile]:
+    """4 MB of weights in 4 layers: large enough that the page cache state is unambiguous."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)).eval()
+    program = morphc.lower(model, torch.randn(2, 512))
+    return program, write_weights(program, tmp_path_factory.mktemp("w") / "mlp.safetensors")
+
+
+class Lookup(nn.Module):
+    """A 16 MB embedding table of which a lookup of 4 ids touches a few pages, then a small head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(16384, 256)
+        self.head = nn.Linear(256, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids).sum(1))
+
+
+def test_weights_file_is_valid_safetensors_in_load_order(mlp) -> None:
+    program, weights = mlp
+    with safetensors.safe_open(str(weights.path), framework="pt") as f:
+        for attr in program.parameters():
+            assert torch.equal(f.get_tensor(attr), program.tensor(attr))
+    layers = group_layers(program)
+    assert [r.name for r in weights.layers] == [layer.name for layer in layers]
+    assert all(a.end <= b.start for a, b in zip(weights.layers, weights.layers[1:], strict=False))
+    assert all(e.start % ALIGN == 0 for e in weights.tensors.values())
+    assert sum(r.end - r.start for r in weights.layers) >= layers.nbytes
+
+
+def test_cold_state_is_truly_cold(mlp) -> None:
+    """Evicting empties the page cache for the file; a cold run then reads the weights from storage,
+    a warm run right after does not (so the check can tell the two apart)."""
+    program, weights = mlp
+    exe = ColdStartExecutor(_schedule(program, "pipeline"), weights)
+    x = program.example_inputs[0]
+    exe.run(x, cold=False)
+    assert weights.resident_fraction() > 0.99
+    weights.evict()
+    assert weights.resident_fraction() == 0.0
+    _, cold = exe.run(x, cold=True)
+    assert weights.resident_fraction() > 0.9  # the run brought the layers in
+    _, warm = exe.run(x, cold=False)
+    if cold.read_bytes is None:
+        pytest.skip("/proc/self/io is not available: residency (mincore) was checked above")
+    nbytes = group_layers(program).nbytes
+    assert cold.read_bytes >= 0.9 * nbytes, f"a cold run read {cold.read_bytes} of {nbytes} bytes"
+    assert warm.read_bytes < 0.1 * nbytes
+
+
+def test_direct_access_reads_only_the_touched_pages(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Lookup().eval()
+    ids = torch.tensor([[1, 5000, 9000, 16000]])
+    program = morphc.lower(model, ids)
+    weights = write_weights(program, tmp_path / "lookup.safetensors")
+    table = 16384 * 256 * 4
+    direct = ColdStartExecutor(_schedule(program, "direct"), weights)
+    out, timeline = direct.run(ids)
+    assert torch.equal(out["model"], program(ids)["model"])
+    loaded_fraction = weights.resident_fraction(*_range(weights, "table"))
+    assert loaded_fraction < 0.25, f"direct access brought {loaded_fraction:.0%} of the table in"
+    _, on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights).run(ids)
+    assert weights.resident_fraction(*_range(weights, "table")) > 0.99
+    if timeline.read_bytes is not None:
+        assert timeline.read_bytes < 0.25 * table <= on_demand.read_bytes
+
+
+def _range(weights: WeightsFile, name: str) -> tuple[int, int]:
+    r = weights.by_name[name]
+    return r.start, r.end
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> tuple[morphc.Program, WeightsFile, tuple[torch.Tensor, ...]]:
+    z = zoo.build("bert-small")
+    program = morphc.lower(z.model, z.example_inputs)
+    return program, write_weights(program, tmp_path_factory.mktemp("w") / "bert.safetensors"), z.example_inputs
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_executor_matches_eager_and_records_the_timeline(strategy: str, bert) -> None:
+    program, weights, inputs = bert
+    scheduled = _schedule(program, strategy)
+    outputs, timeline = ColdStartExecutor(scheduled, weights).run(*inputs)
+    expected = program(*inputs)
+    assert all(torch.equal(outputs[k], expected[k]) for k in expected)
+    plan = scheduled.annotation(LoadPlan)
+    assert [t.name for t in timeline.layers] == [e[0] for e in plan.layers]
+    assert [t.mode for t in timeline.layers] == list(plan.modes())
+    end = 0.0
+    for t in timeline.layers:
+        assert t.compute_start_ms >= end - 1e-6 and t.compute_end_ms >= t.compute_start_ms
+        end = t.compute_end_ms
+        if t.mode == "load":
+            assert 0 <= t.load_start_ms <= t.load_end_ms <= t.compute_start_ms + 1e-6
+        else:
+            assert t.load_start_ms == -1.0
+    if strategy == "on-demand":
+        last_load = max(t.load_end_ms for t in timeline.layers)
+        assert all(t.compute_start_ms >= last_load for t in timeline.layers)
+    assert timeline.total_ms >= end and timeline.cold
+
+
+def test_executor_errors_name_the_problem(mlp, tmp_path: Path) -> None:
+    program, weights = mlp
+    with pytest.raises(ColdStartError, match="no load plan"):
+        ColdStartExecutor(program, weights)
+    scheduled = _schedule(program)
+    with pytest.raises(ColdStartError, match="CUDA"):
+        if torch.cuda.is_available():
+            pytest.skip("this check is for machines without a GPU")
+        ColdStartExecutor(scheduled, weights, device="cuda")
+    with pytest.raises(ColdStartError, match="unknown device"):
+        ColdStartExecutor(scheduled, weights, device="tpu")
+    with pytest.raises(ColdStartError, match="no weights file"):
+        ColdStartExecutor(scheduled, tmp_path / "missing.safetensors")
+    other = morphc.lower(nn.Linear(3, 3).eval(), torch.randn(1, 3))
+    other_weights = write_weights(other, tmp_path / "other.safetensors")
+    with pytest.raises(ColdStartError, match="lacks"):
+        ColdStartExecutor(scheduled, other_weights)
+    (tmp_path / "bad.safetensors").write_bytes((4).to_bytes(8, "little") + b"{}  ")
+    with pytest.raises(ColdStartError, match="not a morphc weights file"):
+        WeightsFile(tmp_path / "bad.safetensors")
+    with pytest.raises(morphc.InputMismatchError):
+        ColdStartExecutor(scheduled, weights).run(torch.randn(3, 512))
+
+
+def test_read_bytes_counts_this_process() -> None:
+    value = read_bytes()
+    assert value is None or value >= 0
+
+
+# --- the layer profile ----------------------------------------------------------------------------
+
+
+def test_layer_profile_is_measured_stored_and_used(mlp, monkeypatch) -> None:
+    program, weights = mlp
+    db = RecordsDB(":memory:")
+    costs = layer_profile.profile_layers(program, db, weights, runs=1)
+    assert costs.source == "measured" and len(costs.layers) == len(group_layers(program))
+    assert all(c.load_ms > 0 and c.compute_ms >= 0 and c.direct_ms > 0 for c in costs.layers)
+    assert costs.bandwidth_gbs > 0 and costs.extra["runs"] == 1
+    assert layer_profile.stored_profile(db, program) == costs
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again although the database has the profile")
+
+    monkeypatch.setattr(layer_profile, "measure_layer_costs", fail)
+    assert layer_profile.profile_layers(program, db, weights, runs=1) == costs
+    plan = _schedule(program, records=db).annotation(LoadPlan)
+    assert plan.profile == "measured"
+
+
+# --- the GPU tier, up to the edge (no GPU here) ----------------------------------------------------
+
+
+class FakeCudart:
+    """Stands in for torch.cuda.cudart(): records the calls, returns a chosen CUDA error code."""
+
+    def __init__(self, code: int = 0) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+        self.code = code
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        self.calls.append((ptr, nbytes, flags))
+        return self.code
+
+
+def test_direct_host_access_wraps_registered_memory_without_copying() -> None:
+    host = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    interface = cuda_array_interface(host)
+    assert interface == {"shape": (3, 4), "typestr": "<f4", "data": (host.data_ptr(), True), "strides": None,
+                         "version": 3}
+    cudart = FakeCudart()
+    seen = {}
+
+    def as_tensor(obj, device):
+        seen["interface"], seen["device"] = obj.__cuda_array_interface__, device
+        assert obj.owner is host  # the host memory lives as long as the device view
+        return torch.empty(0)
+
+    direct_device_view(host, "cuda:0", cudart=cudart, as_tensor=as_tensor)
+    assert cudart.calls == [(host.data_ptr(), 48, CUDA_HOST_REGISTER_MAPPED | CUDA_HOST_REGISTER_PORTABLE)]
+    assert seen == {"interface": interface, "device": "cuda:0"}
+    with pytest.raises(ColdStartError, match="cudaHostRegister failed with CUDA error 712"):
+        register_mapped(host, FakeCudart(712))
+    with pytest.raises(ColdStartError, match="contiguous"):
+        cuda_array_interface(host.t())

@@ -1,0 +1,149 @@
+"""The GNN cost model: training lowers the loss, checkpoints round-trip, bad ones are refused, the
+shipped checkpoint predicts sensibly, and passes reach it through the PassContext."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import morphc
+from morphc.predictors import cost_model
+from morphc.predictors.cost_model import CostModelError, TrainItem, load, load_default, make_query, train
+from morphc.predictors.features import extract
+from morphc.predictors.spaces import CpuConfig, GpuConfig
+
+
+def _mlp(width: int, depth: int, batch: int = 1) -> morphc.Program:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(16, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return morphc.lower(nn.Sequential(*layers).eval(), torch.randn(batch, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> tuple[cost_model.CostModel, list[float], list[TrainItem]]:
+    items = []
+    for width, depth in ((8, 1), (32, 2), (64, 3), (16, 4)):
+        graph = extract(_mlp(width, depth))
+        for threads in (1, 2):
+            latency = 0.02 * graph.num_nodes * (1.5 if threads == 2 else 1.0)  # synthetic, size-dependent
+            items.append(TrainItem(graph, CpuConfig(threads=threads, batch=1), latency))
+    model, losses = train(items, hidden=16, layers=2, steps=150, batch_size=8, lr=1e-2, show_progress=False)
+    return model, losses, items
+
+
+def test_training_reduces_the_loss(tiny_model: tuple) -> None:
+    _, losses, _ = tiny_model
+    assert np.mean(losses[-20:]) < 0.2 * np.mean(losses[:5])
+
+
+def test_checkpoint_round_trip(tiny_model: tuple, tmp_path: Path) -> None:
+    model, _, items = tiny_model
+    path = model.save(tmp_path / "m.npz")
+    again = load(path)
+    queries = [make_query(it.graph, it.config) for it in items]
+    np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)
+    assert again.meta["feature_schema"] == model.meta["feature_schema"]
+
+
+def _rewrite(path: Path, out: Path, edit_meta: dict | None = None, edit_array: str | None = None) -> Path:
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(arrays["__meta__"].tobytes())
+    meta.update(edit_meta or {})
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    if edit_array:
+        arrays[edit_array] = np.full_like(arrays[edit_array], np.nan)
+    np.savez(out, **arrays)
+    return out
+
+
+def test_bad_checkpoints_are_refused(tiny_model: tuple, tmp_path: Path) -> None:
+    model, _, _ = tiny_model
+    good = model.save(tmp_path / "good.npz")
+    with pytest.raises(CostModelError, match="does not exist"):
+        load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all" * 10)
+    with pytest.raises(CostModelError, match="not a morphc cost-model checkpoint"):
+        load(tmp_path / "junk.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CostModelError, match="not a morphc cost-model checkpoint"):
+        load(truncated)
+    with pytest.raises(CostModelError, match=r"feature schema 'old-schema'.*retrain"):
+        load(_rewrite(good, tmp_path / "schema.npz", {"feature_schema": "old-schema"}))
+    with pytest.raises(CostModelError, match="version 99"):
+        load(_rewrite(good, tmp_path / "version.npz", {"version": 99}))
+    with pytest.raises(CostModelError, match="non-finite values"):
+        load(_rewrite(good, tmp_path / "nan.npz", edit_array="p0"))
+    with pytest.raises(CostModelError, match=r"parameter .* has shape \[16\], expected \[32\]"):
+        load(_rewrite(good, tmp_path / "shape.npz", {"hidden": 32}))
+    no_meta = tmp_path / "nometa.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(no_meta, "w") as zout:
+        for name in zin.namelist():
+            if not name.startswith("__meta__"):
+                zout.writestr(name, zin.read(name))
+    with pytest.raises(CostModelError, match="no valid morphc cost-model header"):
+        load(no_meta)
+
+
+def test_gpu_config_is_refused_by_a_cpu_model(tiny_model: tuple) -> None:
+    model, _, _ = tiny_model
+    with pytest.raises(CostModelError, match="trained on 'cpu' measurements and cannot predict a GpuConfig"):
+        model.predict(_mlp(8, 1), GpuConfig(sm_share=50))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> cost_model.CostModel:
+    return load_default()
+
+
+def test_shipped_checkpoint_predicts_and_ranks(shipped: cost_model.CostModel) -> None:
+    assert cost_model.default_checkpoint_path().is_file()
+    small, big = _mlp(16, 1), _mlp(512, 8, batch=8)
+    p_small, p_big = shipped.predict(small, CpuConfig(threads=1)), shipped.predict(big, CpuConfig(threads=1))
+    assert np.isfinite([p_small, p_big]).all() and 0 < p_small < p_big
+    assert p_small < 1.0  # seconds; a tiny MLP is far below a second
+    many = shipped.predict_many([(small, CpuConfig(threads=1)), (big, CpuConfig(threads=1))])
+    np.testing.assert_allclose(many, [p_small, p_big], rtol=1e-5)
+    assert shipped.predict_ms(small) == pytest.approx(p_small * 1e3, rel=1e-5)
+    # a bigger batch of the same program is predicted slower
+    assert shipped.predict(big, CpuConfig(threads=1, batch=64)) > p_big
+
+
+def test_embedding_for_the_tuner(shipped: cost_model.CostModel) -> None:
+    a, b = shipped.embed(_mlp(16, 1)), shipped.embed(_mlp(256, 6))
+    assert a.shape == b.shape == (2 * shipped.meta["hidden"],) and np.isfinite(a).all()
+    assert not np.allclose(a, b)
+
+
+def test_passes_reach_it_through_the_pass_context(shipped: cost_model.CostModel) -> None:
+    ctx = morphc.PassContext(cost_model=shipped)
+    program = _mlp(32, 2)
+    assert ctx.cost_model.predict(program, CpuConfig(threads=2)) > 0
+    program.graph_module.graph.eliminate_dead_code()
+    program.mark_modified()  # a changed program is re-extracted (cache keyed by generation)
+    assert ctx.cost_model.predict(program, CpuConfig(threads=2)) > 0
+
+
+def test_cli_profile_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from morphc.cli import main
+    from morphc.predictors.records import RecordsDB
+
+    assert main(["profile", "--space"]) == 0
+    db = tmp_path / "r.sqlite"
+    assert main(["profile", "zoo:tiny_mlp", "--threads", "1", "--repeats", "3", "--ops", "--db", str(db)]) == 0
+    assert sorted(r.kind for r in RecordsDB(db).query()) == ["latency", "op-latency"]
+    capsys.readouterr()
+    assert main(["predict", "zoo:tiny_mlp", "--config", "threads=1", "--config", "batch=4,threads=2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.endswith(" ms") and float(line.split()[-2]) > 0 for line in lines)
+    assert main(["predict", "zoo:tiny_mlp", "--config", "cores=2"]) == 2
+    assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(tmp_path / "none.npz")]) == 2

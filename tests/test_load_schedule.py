@@ -1,0 +1,366 @@
+"""insert-load-schedule: plans valid for any profile, scheduled programs computing what they did,
+the plan in the IR (annotation + prefetch/wait nodes), export, records lookup, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+from helpers import assert_outputs_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import build_models, examples, make_input, multi_task_specs
+from torch import nn
+
+import morphc
+from morphc import zoo
+from morphc.errors import PassOptionError
+from morphc.ir.load_plan import (
+    PREFETCH,
+    WAIT,
+    LayerCost,
+    LayerCosts,
+    LoadPlan,
+    group_layers,
+    layer_profile_key,
+    plan_from_json,
+    plan_problems,
+    plan_to_json,
+)
+from morphc.passes import PassContext, PassManager
+from morphc.passes.load_schedule import (
+    PROFILE_KIND,
+    InsertLoadSchedule,
+    export_plan,
+    make_schedule,
+    simulate,
+)
+from morphc.predictors.records import RecordsDB, device_fingerprint
+
+STRATEGIES = ["plan", "pipeline", "on-demand", "direct"]
+
+
+def _ctx(**kw) -> PassContext:
+    return PassContext(verify_each=True, reproducer_dir=None, **kw)
+
+
+def _schedule(program: morphc.Program, text: str = "insert-load-schedule", **ctx) -> morphc.Program:
+    return morphc.Pipeline.parse(text).run(program, _ctx(**ctx))
+
+
+@pytest.fixture(scope="module")
+def bert() -> tuple[morphc.Program, tuple[torch.Tensor, ...]]:
+    z = zoo.build("bert-small")
+    return morphc.lower(z.model, z.example_inputs), z.example_inputs
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[morphc.Program, tuple[torch.Tensor, ...]]:
+    z = zoo.build("resnet-small")
+    return morphc.lower(z.model, z.example_inputs), z.example_inputs
+
+
+# --- the plan is valid for any profile -------------------------------------------------------------
+
+
+@st.composite
+def layer_costs(draw: st.DrawFn) -> LayerCosts:
+    n = draw(st.integers(0, 24))
+    ms = st.floats(0.0, 50.0, allow_nan=False)
+    layers = []
+    for i in range(n):
+        nbytes = draw(st.integers(0, 10**8))
+        layers.append(LayerCost(f"l{i}", nbytes, draw(st.integers(0, nbytes)), draw(ms), draw(ms), draw(ms)))
+    return LayerCosts(tuple(layers), draw(ms), "analytic", draw(st.sampled_from(["disk", "host"])),
+                      draw(st.floats(0.01, 100.0)), draw(st.sampled_from([0.0, 1.0, 50.0])))
+
+
+def _check_timeline(costs: LayerCosts, schedule) -> None:
+    entries = [(c.name, m, a, ch, c.nbytes) for c, m, a, ch in
+               zip(costs.layers, schedule.modes, schedule.issue_after, schedule.channel)]
+    assert plan_problems(schedule.strategy, schedule.channels, entries, schedule.timeline) == []
+    previous_end = 0.0
+    by_channel: dict[int, list[tuple[float, float]]] = {}
+    for i, ((ls, le, cs, ce), mode) in enumerate(zip(schedule.timeline, schedule.modes)):
+        assert cs >= previous_end - 1e-9, f"segment {i} starts before segment {i - 1} ends"
+        assert ce >= cs
+        previous_end = ce
+        if mode == "load":
+            assert 0 <= ls <= le <= cs + 1e-9, f"layer {i} computes before its load ends"
+            if schedule.issue_after[i] >= 0:  # issued after segment k: not before k has computed
+                assert ls >= schedule.timeline[schedule.issue_after[i]][3] - 1e-9
+            by_channel.setdefault(schedule.channel[i], []).append((ls, le))
+        else:
+            assert (ls, le) == (-1.0, -1.0)
+    for spans in by_channel.values():  # one channel moves one layer at a time
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start >= end - 1e-9
+    assert schedule.total_ms >= previous_end - 1e-9
+
+
+@settings(max_examples=examples(150))
+@given(costs=layer_costs(), strategy=st.sampled_from(STRATEGIES), channels=st.integers(1, 4),
+       lookahead=st.integers(0, 5))
+def test_plan_is_valid_for_any_profile(costs: LayerCosts, strategy: str, channels: int, lookahead: int) -> None:
+    schedule = make_schedule(costs, strategy, channels=channels, lookahead=lookahead)
+    _check_timeline(costs, schedule)
+    if strategy == "on-demand":
+        loads = [le for _, le, _, _ in schedule.timeline]
+        assert all(cs >= max(loads, default=0.0) - 1e-9 for _, _, cs, _ in schedule.timeline)
+    if strategy == "plan":  # the plan starts from the pipeline and only takes improvements
+        pipeline = make_schedule(costs, "pipeline", channels=channels, lookahead=lookahead)
+        assert schedule.total_ms <= pipeline.total_ms + 1e-6
+        direct, = {m for m in make_schedule(costs, "direct").modes} or {"direct"}
+        assert direct == "direct"
+
+
+def test_plan_picks_direct_access_for_an_embedding_lookup() -> None:
+    """A 90 MB table of which a lookup touches 1 MB: reading it whole stalls everything after it."""
+    emb = LayerCost("embeddings", 90_000_000, 1_000_000, 50.0, 0.1, 0.7)
+    body = tuple(LayerCost(f"block{i}", 5_000_000, 5_000_000, 2.8, 3.0, 4.0) for i in range(10))
+    costs = LayerCosts((emb, *body), 0.0, "measured", "disk", 1.8)
+    plan = make_schedule(costs, "plan")
+    pipeline = make_schedule(costs, "pipeline")
+    assert plan.modes[0] == "direct" and plan.modes.count("load") >= 8
+    assert plan.total_ms < 0.6 * pipeline.total_ms
+    assert make_schedule(costs, "on-demand").total_ms > pipeline.total_ms
+
+
+def test_parallel_transmission_spreads_loads_over_channels() -> None:
+    """Host tier (one PCIe link per GPU): a load-bound model finishes sooner on two channels."""
+    layers = tuple(LayerCost(f"l{i}", 10_000_000, 10_000_000, 1.0, 0.2, 3.0) for i in range(12))
+    costs = LayerCosts(layers, 0.0, "measured", "host", 10.0, 50.0)
+    one, two = make_schedule(costs, "pipeline", channels=1), make_schedule(costs, "pipeline", channels=2)
+    assert set(two.channel) == {0, 1}
+    assert two.total_ms < 0.75 * one.total_ms
+    disk = LayerCosts(layers, 0.0, "measured", "disk", 1.0)  # one disk: more readers add no bandwidth
+    assert make_schedule(disk, "pipeline", channels=2).channels == 1
+
+
+def test_simulation_counts_direct_reads_against_the_loads() -> None:
+    """Direct reads share the medium: they delay the loads queued behind them on channel 0."""
+    layers = (LayerCost("a", 1_000_000, 1_000_000, 1.0, 0.1, 2.0), LayerCost("b", 1_000_000, 1_000_000, 1.0, 0.1, 2.0))
+    costs = LayerCosts(layers, 0.0, "measured", "disk", 1.0)  # 1 MB at 1 GB/s = 1 ms
+    timeline, _ = simulate(costs, ["direct", "load"], [-1, -1], [0, 0], 1)
+    assert timeline[1][1] == pytest.approx(2.0)  # the load of b (1 ms) waits for a's 1 ms of direct reads
+
+
+# --- the plan in the IR -----------------------------------------------------------------------------
+
+
+def _weight_reads(program: morphc.Program) -> list[tuple[fx.Node, fx.Node]]:
+    """(compute node, weight value it reads) for every weight input of every compute node."""
+    out = []
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target not in (PREFETCH, WAIT):
+            for arg in node.all_input_nodes:
+                if arg.op == "get_attr" or arg.target in (PREFETCH, WAIT):
+                    out.append((node, arg))
+    return out
+
+
+def check_schedule_in_ir(program: morphc.Program) -> None:
+    """No layer is used before it is loaded: every read of a loaded layer's weight goes through a
+    wait of that layer, placed after its prefetch; direct-access layers are read as they lie."""
+    plan = program.annotation(LoadPlan)
+    assert plan is not None
+    layers = group_layers(program)
+    assert [layer.name for layer in layers] == [e[0] for e in plan.layers]
+    layer_of = layers.by_attr()
+    order = {n: i for i, n in enumerate(program.graph.nodes)}
+    for user, arg in _weight_reads(program):
+        source = arg
+        while source.op != "get_attr":
+            source = source.args[0]
+        i = layer_of[str(source.target)]
+        if plan.layers[i][1] == "load":
+            assert arg.target is WAIT and arg.args[1] == i, f"%{user.name} reads layer {i} without waiting for it"
+            prefetch = arg.args[0]
+            assert prefetch.target is PREFETCH and order[prefetch] < order[arg] < order[user]
+            after = prefetch.args[1]
+            issued = plan.layers[i][2]
+            if issued >= 0 and after is not None and after.op == "call_function":
+                assert layers.segment_of()[after.name] <= issued
+        else:
+            assert arg.op == "get_attr", f"direct-access layer {i} is read through {arg.target}"
+    assert plan_problems(plan.strategy, plan.channels, plan.layers, plan.predicted) == []
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("model", ["bert", "resnet"])
+def test_scheduled_program_computes_the_same_outputs(model: str, strategy: str, request) -> None:
+    program, inputs = request.getfixturevalue(model)
+    scheduled = _schedule(program, f"insert-load-schedule{{strategy={strategy}}}")
+    check_schedule_in_ir(scheduled)
+    expected, got = program(*inputs), scheduled(*inputs)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    plan = scheduled.annotation(LoadPlan)
+    n_loaded = plan.modes().count("load")
+    weights_loaded = sum(len(group_layers(program).layers[i].attrs) for i, m in enumerate(plan.modes()) if m == "load")
+    prefetches = sum(1 for n in scheduled.graph.nodes if n.target is PREFETCH)
+    assert prefetches == weights_loaded and (n_loaded > 0) == (strategy != "direct")
+    assert (plan.modes().count("direct") == len(plan.layers)) == (strategy == "direct")
+
+
+@settings(max_examples=examples(10))
+@given(spec=multi_task_specs(max_ops=5), strategy=st.sampled_from(STRATEGIES),
+       bandwidth=st.sampled_from([0.0, 0.001, 1.0, 1e4]), gflops=st.sampled_from([0.0, 0.01, 1e5]),
+       lookahead=st.integers(0, 3))
+def test_schedule_in_ir_is_valid_on_random_programs(spec, strategy, bandwidth, gflops, lookahead) -> None:
+    models = build_models(spec)
+    program = morphc.lower(models, make_input(spec))
+    p = InsertLoadSchedule(strategy=strategy, bandwidth_gbs=bandwidth, compute_gflops=gflops, lookahead=lookahead)
+    scheduled = PassManager([p]).run(program, _ctx())
+    check_schedule_in_ir(scheduled)
+    x = make_input(spec, seed=spec.input_seed + 1)
+    assert_outputs_close(scheduled(x), program(x))
+
+
+def test_scheduling_twice_replans_instead_of_stacking(bert) -> None:
+    program, _ = bert
+    once = _schedule(program, "insert-load-schedule{strategy=pipeline}")
+    twice = _schedule(once, "insert-load-schedule{strategy=pipeline}")
+    count = sum(1 for n in twice.graph.nodes if n.target in (PREFETCH, WAIT))
+    assert count == sum(1 for n in once.graph.nodes if n.target in (PREFETCH, WAIT))
+    direct = _schedule(once, "insert-load-schedule{strategy=direct}")
+    assert not any(n.target in (PREFETCH, WAIT) for n in direct.graph.nodes)
+
+
+def test_scheduled_program_saves_and_loads(bert, tmp_path: Path) -> None:
+    program, inputs = bert
+    scheduled = _schedule(program)
+    loaded = morphc.load(morphc.save(scheduled, tmp_path / "p.safetensors"))
+    assert str(loaded) == str(scheduled)
+    assert loaded.annotation(LoadPlan) == scheduled.annotation(LoadPlan)
+    morphc.verify(loaded)
+    assert all(torch.equal(loaded(*inputs)[k], v) for k, v in program(*inputs).items())
+
+
+def test_verifier_rejects_a_wait_without_its_prefetch(bert) -> None:
+    scheduled = _schedule(bert[0], "insert-load-schedule{strategy=pipeline}")
+    wait = next(n for n in scheduled.graph.nodes if n.target is WAIT)
+    wait.args = (wait.args[0].args[0], wait.args[1])  # skip the prefetch
+    scheduled.mark_modified()
+    with pytest.raises(morphc.VerificationError, match="without a prefetch"):
+        morphc.verify(scheduled)
+
+
+def test_exports_to_onnx_through_the_schedule_ops() -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    program = morphc.lower(model, torch.randn(2, 8))
+    exe = morphc.Pipeline.parse("insert-load-schedule{strategy=pipeline},compile{target=onnxruntime}").run(
+        program, _ctx())
+    x = torch.randn(2, 8)
+    assert_outputs_close(exe(x), program(x), atol=1e-4)
+
+
+# --- profiles ----------------------------------------------------------------------------------------
+
+
+def _fake_profile(program: morphc.Program, direct_first: bool) -> LayerCosts:
+    layers = group_layers(program)
+    costs = tuple(LayerCost(layer.name, layer.nbytes, layer.touched_bytes,
+                            100.0 if (i == 0 and direct_first) else 0.01, 1.0, 1.5) for i, layer in enumerate(layers))
+    return LayerCosts(costs, 0.0, "measured", "disk", 1.0)
+
+
+def test_pass_uses_a_profile_from_the_records_database(bert) -> None:
+    program, _ = bert
+    db = RecordsDB(":memory:")
+    db.put(PROFILE_KIND, layer_profile_key(program), device_fingerprint("cpu"), {"tier": "disk"},
+           _fake_profile(program, direct_first=True).to_json())
+    plan = _schedule(program, records=db).annotation(LoadPlan)
+    assert plan.profile == "measured" and plan.layers[0][1] == "direct"
+    assert _schedule(program).annotation(LoadPlan).profile == "analytic"  # no records: estimated
+    other = RecordsDB(":memory:")  # a profile of other layers is not used
+    wrong = LayerCosts(tuple(LayerCost(f"x{i}", 1, 1, 1.0, 1.0, 1.0) for i in range(3)), 0.0, "measured", "disk", 1.0)
+    other.put(PROFILE_KIND, layer_profile_key(program), device_fingerprint("cpu"), {}, wrong.to_json())
+    assert _schedule(program, records=other).annotation(LoadPlan).profile == "analytic"
+
+
+def test_profile_in_context_options(bert) -> None:
+    program, _ = bert
+    plan = _schedule(program, options={"layer-profile": _fake_profile(program, True)}).annotation(LoadPlan)
+    assert plan.profile == "measured"
+    plan = _schedule(program, options={"layer-profile": lambda p: _fake_profile(p, False)}).annotation(LoadPlan)
+    assert plan.layers[0][1] == "load"
+    wrong = LayerCosts((LayerCost("x", 1, 1, 1.0, 1.0, 1.0),), 0.0, "measured", "disk", 1.0)
+    with pytest.raises(morphc.PassFailure, match="does not fit this program"):
+        _schedule(program, options={"layer-profile": wrong})
+    with pytest.raises(morphc.PassFailure, match="must be a LayerCosts"):
+        _schedule(program, options={"layer-profile": "fast"})
+
+
+def test_layer_costs_round_trip_json() -> None:
+    costs = LayerCosts((LayerCost("a", 10, 5, 1.0, 2.0, 3.0),), 0.5, "measured", "disk", 1.7, 0.0, {"runs": 3})
+    assert LayerCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
+
+
+def test_embedding_layers_touch_only_their_rows(bert) -> None:
+    layers = {layer.name: layer for layer in group_layers(bert[0])}
+    words = layers["hf.bert.embeddings.word_embeddings"]
+    assert words.touched_bytes < words.nbytes / 2
+    dense = layers["hf.bert.encoder.layer.0.intermediate.dense"]
+    assert dense.touched_bytes == dense.nbytes
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+
+def test_plan_export_round_trips(bert, tmp_path: Path) -> None:
+    scheduled = _schedule(bert[0])
+    plan = scheduled.annotation(LoadPlan)
+    assert plan_from_json(plan_to_json(plan)) == plan
+    path = export_plan(scheduled, tmp_path / "plan.json")
+    assert plan_from_json(path.read_text()) == plan
+    md = export_plan(scheduled, tmp_path / "plan.md").read_text()
+    assert "hf.bert.embeddings.word_embeddings" in md and f"{plan.predicted_total_ms:.2f} ms" in md
+    with pytest.raises(PassOptionError, match=r"\.json or \.md"):
+        export_plan(scheduled, tmp_path / "plan.txt")
+    with pytest.raises(PassOptionError, match="no load plan"):
+        export_plan(bert[0], tmp_path / "plan.json")
+    with pytest.raises(ValueError, match="not a morphc load plan"):
+        plan_from_json('{"format": "other"}')
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("insert-load-schedule{strategy=fast}", "one of plan, pipeline, on-demand, direct"),
+    ("insert-load-schedule{channels=0}", "between 1 and 16"),
+    ("insert-load-schedule{channels=17}", "between 1 and 16"),
+    ("insert-load-schedule{lookahead=-1}", "lookahead"),
+    ("insert-load-schedule{bandwidth-gbs=-1}", "finite number >= 0"),
+    ("insert-load-schedule{compute-gflops=inf}", "finite number >= 0"),
+    ("insert-load-schedule{export=plan.md}", "has no option 'export'"),
+])
+def test_bad_options_are_named(text: str, message: str) -> None:
+    with pytest.raises((PassOptionError, morphc.PipelineSyntaxError), match=message):
+        morphc.Pipeline.parse(text)
+
+
+def test_make_schedule_rejects_bad_arguments() -> None:
+    costs = LayerCosts((), 0.0, "analytic", "disk", 1.0)
+    with pytest.raises(PassOptionError, match="unknown load strategy"):
+        make_schedule(costs, "eager")
+    with pytest.raises(PassOptionError, match="channels"):
+        make_schedule(costs, "plan", channels=0)
+    assert make_schedule(costs, "plan").total_ms == 0.0
+
+
+def test_plan_problems_name_what_is_wrong() -> None:
+    entries = (("a", "load", 0, 0, 10), ("b", "mmap", -1, 0, 10), ("c", "load", -1, 3, 10))
+    problems = plan_problems("plan", 2, entries)
+    assert any("'a'" in p and "issued before" in p for p in problems)
+    assert any("mode 'mmap'" in p for p in problems)
+    assert any("channel 3" in p for p in problems)
+    timeline = ((0.0, 5.0, 1.0, 2.0),)
+    assert any("before its load ends" in p for p in plan_problems("plan", 1, (("a", "load", -1, 0, 1),), timeline))

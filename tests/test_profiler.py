@@ -1,0 +1,135 @@
+"""Device profiles, config spaces, interleaved and per-op profiling, resumable corpus collection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import morphc
+from morphc.predictors import dataset, profiler
+from morphc.predictors.corpus import VARIANTS, Variant
+from morphc.predictors.dataset import collect_corpus, load_samples
+from morphc.predictors.profiler import profile_interleaved, profile_ops, resolve_config
+from morphc.predictors.records import RecordsDB, RecordsError
+from morphc.predictors.spaces import (
+    CPU,
+    GPU,
+    ConfigError,
+    CpuConfig,
+    DeviceUnavailableError,
+    GpuConfig,
+    parse_config,
+)
+
+
+def _program(batch: int = 2) -> morphc.Program:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    return morphc.lower(model, torch.randn(batch, 4))
+
+
+def test_cpu_space_declares_how_knobs_are_applied() -> None:
+    assert [k.name for k in CPU.knobs] == ["batch", "threads"]
+    assert all(k.applied and k.measurable_here for k in CPU.knobs)
+    assert {k.name for k in GPU.knobs} == {"batch", "sm_share", "time_quota"}
+    assert not any(k.measurable_here for k in GPU.knobs)
+    grid = list(CPU.configs(batch=(1, 8)))
+    assert grid == [CpuConfig(threads=1, batch=1), CpuConfig(threads=2, batch=1), CpuConfig(threads=1, batch=8),
+                    CpuConfig(threads=2, batch=8)]
+    with pytest.raises(ConfigError, match="no knob 'sm_share'"):
+        list(CPU.configs(sm_share=(50,)))
+
+
+def test_parse_config_and_its_errors() -> None:
+    assert parse_config("batch=8, threads=2") == CpuConfig(threads=2, batch=8)
+    assert parse_config("sm_share=50,time_quota=0.5", "cuda") == GpuConfig(sm_share=50, time_quota=0.5)
+    with pytest.raises(ConfigError, match=r"no knob\(s\) \['cores'\]; valid knobs: \['batch', 'threads'\]"):
+        parse_config("cores=2")
+    with pytest.raises(ConfigError, match="must be knob=value"):
+        parse_config("threads")
+    with pytest.raises(ConfigError, match="sm_share is an MPS active-thread percentage"):
+        parse_config("sm_share=150", "cuda")
+
+
+def test_batch_is_a_property_of_the_program_and_gpu_is_refused() -> None:
+    program = _program(batch=2)
+    assert resolve_config(program, CpuConfig(threads=2)) == CpuConfig(threads=2, batch=2)
+    with pytest.raises(ValueError, match="config batch 8 differs from the program's batch 2; lower the model"):
+        profiler.profile_program(program, CpuConfig(batch=8))
+    with pytest.raises(DeviceUnavailableError, match="this machine has no GPU"):
+        profiler.profile_program(program, GpuConfig(sm_share=50))
+
+
+def test_interleaved_profile_restores_threads_and_reports_load() -> None:
+    program = _program()
+    before = torch.get_num_threads()
+    stats = profile_interleaved(program, [CpuConfig(threads=1), CpuConfig(threads=2)], target_s=0.01, min_runs=5)
+    assert torch.get_num_threads() == before
+    assert len(stats) == 2 and all(s.runs >= 5 and s.median_ms > 0 for s in stats)
+    assert all(s.p10_ms <= s.median_ms <= s.p90_ms for s in stats)
+
+
+def test_per_op_profile_covers_every_operator() -> None:
+    program = _program()
+    times = profile_ops(program, CpuConfig(threads=1), warmup=0, repeats=2)
+    ops = [n.name for n in program.graph.nodes if n.op == "call_function"]
+    assert sorted(times) == sorted(ops) and all(t > 0 for t in times.values())
+
+
+def _tiny_variant(width: int) -> Variant:
+    def build(batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        return nn.Sequential(nn.Linear(4, width), nn.ReLU()).eval(), (torch.randn(batch, 4),)
+
+    return Variant(f"tiny[w={width}]", "tiny", {"width": width}, build)
+
+
+def test_corpus_collection_survives_a_killed_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "corpus.sqlite"
+    script = f"""
+import os, torch
+from torch import nn
+from morphc.predictors.corpus import Variant
+from morphc.predictors.dataset import collect_corpus
+from morphc.predictors.records import RecordsDB
+def make(width):
+    def build(batch):
+        if width == 16:
+            os._exit(9)  # killed while the third variant is being prepared
+        return nn.Sequential(nn.Linear(4, width), nn.ReLU()).eval(), (torch.randn(batch, 4),)
+    return Variant(f"tiny[w={{width}}]", "tiny", {{"width": width}}, build)
+collect_corpus(RecordsDB({str(path)!r}), [make(w) for w in (4, 8, 16)], batches=(1,), show_progress=False,
+               target_s=0.001)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], check=False, timeout=300)
+    assert proc.returncode == 9
+    db = RecordsDB(path)
+    assert len(load_samples(db)) == 4  # 2 variants x threads {1, 2} survived the kill
+    calls: list[int] = []
+    real = dataset.profile_interleaved
+    monkeypatch.setattr(dataset, "profile_interleaved", lambda *a, **k: calls.append(1) or real(*a, **k))
+    measured = collect_corpus(db, [_tiny_variant(w) for w in (4, 8, 16)], batches=(1,), show_progress=False,
+                              target_s=0.001)
+    assert measured == 1 and len(calls) == 1  # only the missing variant was measured
+    samples = load_samples(db)
+    assert len(samples) == 6 and all(s.runtime is not None and s.runtime.shape[1] == 2 for s in samples)
+    assert {s.config for s in samples} == {CpuConfig(threads=1, batch=1), CpuConfig(threads=2, batch=1)}
+
+
+def test_loading_a_missing_or_foreign_database_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RecordsError, match="does not exist"):
+        load_samples(tmp_path / "nope.sqlite")
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"garbage" * 200)
+    with pytest.raises(RecordsError, match="not a usable morphc records database"):
+        load_samples(bad)
+
+
+def test_corpus_is_broad_and_names_are_unique() -> None:
+    families = {v.family for v in VARIANTS}
+    assert {"mlp", "vgg", "bert", "vit", "gpt2", "hf-resnet", "multitask"} <= families
+    assert len({v.name for v in VARIANTS}) == len(VARIANTS)
