@@ -40,7 +40,7 @@ from morphc.passes import PassContext
 from morphc.passes.load_schedule import plan_markdown
 from morphc.predictors.layer_profile import profile_layers
 from morphc.predictors.records import RecordsDB
-from morphc.runtime.cold_start import ColdStartExecutor, Timeline, write_weights
+from morphc.runtime.cold_start import ColdStartExecutor, Timeline, WeightsFile, write_weights
 
 STRATEGIES = ("on-demand", "pipeline", "direct", "plan")
 MODELS: dict[str, dict[str, Any]] = {
@@ -96,8 +96,8 @@ def plot_timelines(name: str, timelines: dict[str, Timeline], predicted: LoadPla
     plt.close(fig)
 
 
-def bench_model(name: str, kwargs: dict[str, Any], db: RecordsDB, runs: int, profile_runs: int,
-                workdir: Path) -> dict[str, Any]:
+def prepare(name: str, kwargs: dict[str, Any], workdir: Path) -> tuple[morphc.Program, WeightsFile]:
+    """Lower the model and write its weights file (outside the timing lock)."""
     t0 = time.perf_counter()
     z = zoo.build(name, batch_size=1, **kwargs)
     program = morphc.lower(z.model, z.example_inputs)
@@ -106,24 +106,31 @@ def bench_model(name: str, kwargs: dict[str, Any], db: RecordsDB, runs: int, pro
     weights = write_weights(program, workdir / f"{name}.safetensors", layers)
     print(f"[{name}] lowered, {len(layers)} layers, {layers.nbytes / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-    with timing_lock():
-        load_start = common.load_average()
-        costs = profile_layers(program, db, weights, runs=profile_runs)
-        ctx = PassContext(records=db, reproducer_dir=None)
-        scheduled = {s: morphc.Pipeline.parse(f"insert-load-schedule{{strategy={s}}}").run(program, ctx)
-                     for s in STRATEGIES}
-        executors = {s: ColdStartExecutor(p, weights) for s, p in scheduled.items()}
-        inputs = program.example_inputs
-        reference = program(*inputs)
-        for exe in executors.values():  # warm the process once per variant (kernels); weights go cold below
-            exe.run(*inputs, cold=False)
-        samples: dict[str, list[Timeline]] = {s: [] for s in STRATEGIES}
-        for _ in range(runs):
-            for s, exe in executors.items():
-                out, tl = exe.run(*inputs, cold=True)
-                assert all(torch.equal(out[k], reference[k]) for k in reference), f"{s} changed the outputs"
-                samples[s].append(tl)
-        load_end = common.load_average()
+    return program, weights
+
+
+def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weights: WeightsFile, db: RecordsDB,
+                runs: int, profile_runs: int) -> dict[str, Any]:
+    layers = group_layers(program)
+    # the caller holds the timing lock
+    print(f"[{name}] measuring (holding {LOCK})", flush=True)
+    load_start = common.load_average()
+    costs = profile_layers(program, db, weights, runs=profile_runs)
+    ctx = PassContext(records=db, reproducer_dir=None)
+    scheduled = {s: morphc.Pipeline.parse(f"insert-load-schedule{{strategy={s}}}").run(program, ctx)
+                 for s in STRATEGIES}
+    executors = {s: ColdStartExecutor(p, weights) for s, p in scheduled.items()}
+    inputs = program.example_inputs
+    reference = program(*inputs)
+    for exe in executors.values():  # warm the process once per variant (kernels); weights go cold below
+        exe.run(*inputs, cold=False)
+    samples: dict[str, list[Timeline]] = {s: [] for s in STRATEGIES}
+    for _ in range(runs):
+        for s, exe in executors.items():
+            out, tl = exe.run(*inputs, cold=True)
+            assert all(torch.equal(out[k], reference[k]) for k in reference), f"{s} changed the outputs"
+            samples[s].append(tl)
+    load_end = common.load_average()
     med = {s: statistics.median(t.total_ms for t in tls) for s, tls in samples.items()}
     median_runs = {s: sorted(tls, key=lambda t: t.total_ms)[len(tls) // 2] for s, tls in samples.items()}
     plans = {s: p.annotation(LoadPlan) for s, p in scheduled.items()}
@@ -196,15 +203,20 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     db = RecordsDB(args.records)
     load_at_start = common.load_average()
-    results = [bench_model(name, MODELS[name], db, args.runs, args.profile_runs, workdir) for name in args.models]
-    for r in results:
-        print(r["model"], {s: round(v, 1) for s, v in r["median_ms"].items()}, "bound", round(r["bound_ms"], 1),
-              "predicted plan", round(r["predicted_ms"]["plan"], 1), flush=True)
-    path = common.write_results(
-        args.name, title="Cold-start first inference, CPU disk tier (file -> RAM)", results=results,
-        body_md=report(results), load_at_start=load_at_start,
-        settings={"torch_threads": args.threads, "io_threads": 1, "runs": args.runs, "profile_runs": args.profile_runs,
-                  "read_ahead_kb": _read_ahead(), "workdir": args.workdir})
+    prepared = {name: prepare(name, MODELS[name], workdir) for name in args.models}
+    results: list[dict[str, Any]] = []
+    with timing_lock():  # one chunk for all models (a few minutes): measuring waits for the lock only once
+        for name in args.models:
+            r = bench_model(name, MODELS[name], *prepared[name], db, args.runs, args.profile_runs)
+            results.append(r)
+            print(r["model"], {s: round(v, 1) for s, v in r["median_ms"].items()}, "bound",
+                  round(r["bound_ms"], 1), "predicted plan", round(r["predicted_ms"]["plan"], 1), flush=True)
+            path = common.write_results(  # after every model: a killed run keeps what it measured
+                args.name, title="Cold-start first inference, CPU disk tier (file -> RAM)", results=results,
+                body_md=report(results), load_at_start=load_at_start,
+                settings={"torch_threads": args.threads, "io_threads": 1, "runs": args.runs,
+                          "profile_runs": args.profile_runs, "read_ahead_kb": _read_ahead(),
+                          "workdir": args.workdir})
     print(f"wrote {path}")
 
 

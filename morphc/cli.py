@@ -187,6 +187,7 @@ def cmd_train_cost_model(args: argparse.Namespace) -> int:
                           "`morphc profile --corpus --db ...`")
     model, losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in samples],
                           steps=args.steps, seed=args.seed)
+    model.meta["trained"].update(db=Path(args.db).name, statistic="p10_ms")
     path = model.save(args.output)
     console.print(f"trained on {len(samples)} samples, final loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
                   f"(MSE of log latency); saved {path}")
@@ -242,6 +243,41 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         program = load_source(args.source)
     return command.run(args, program, console)
+
+
+def cmd_cold_start(args: argparse.Namespace) -> int:
+    """Schedule a program's cold start, export the plan, and optionally run it cold (disk tier)."""
+    from morphc.passes.load_schedule import export_plan
+    from morphc.predictors.layer_profile import profile_layers
+    from morphc.predictors.records import RecordsDB
+    from morphc.runtime.cold_start import ColdStartExecutor, write_weights
+
+    program = load_source(args.source, args.batch_size)
+    db = RecordsDB(args.db) if args.db else None
+    weights = write_weights(program, args.weights) if (args.measure or args.run) else None
+    if args.measure:
+        assert db is not None and weights is not None
+        with console.status("measuring the per-layer profile from the cold state"):
+            profile_layers(program, db, weights, runs=args.runs, refresh=True)
+    text = f"insert-load-schedule{{strategy={args.strategy},channels={args.channels}}}"
+    scheduled = mc.Pipeline.parse(text).run(program, mc.PassContext(device=args.device, records=db))
+    plan = scheduled.annotation(mc.ir.load_plan.LoadPlan)
+    console.print(f"{plan.strategy}: {plan.modes().count('load')} layers loaded, {plan.modes().count('direct')} "
+                  f"direct, predicted {plan.predicted_total_ms:.2f} ms (costs: {plan.profile})")
+    measured = None
+    if args.run:
+        assert weights is not None
+        _, timeline = ColdStartExecutor(scheduled, weights).run(*scheduled.example_inputs, cold=True)
+        measured = timeline.rows()
+        console.print(f"measured cold first inference: {timeline.total_ms:.2f} ms, read "
+                      f"{(timeline.read_bytes or 0) / 1e6:.1f} MB from storage")
+    for out in args.output or ():
+        export_plan(scheduled, out, measured if out.endswith(".md") else None)
+        console.print(f"wrote {out}")
+    if args.save:
+        mc.save(scheduled, args.save)
+        console.print(f"saved scheduled program to {args.save}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     _tune_arguments(tu)
     tu.set_defaults(func=cmd_tune)
+
+    cs = sub.add_parser("cold-start", help="plan (and run) a first inference with the weights on disk")
+    cs.add_argument("source", help="model source as for `run`")
+    cs.add_argument("--strategy", default="plan", choices=["plan", "pipeline", "on-demand", "direct"])
+    cs.add_argument("--channels", type=int, default=1, help="parallel transmission channels (GPUs)")
+    cs.add_argument("--device", default="cpu", help="cpu (disk tier) or cuda (host tier: plans only here)")
+    cs.add_argument("--db", default=".morphc/records.sqlite", help="records database with layer profiles")
+    cs.add_argument("--weights", default=".morphc/cold-start-weights.safetensors",
+                    help="where to write the weights file for --measure/--run (a real disk, not tmpfs)")
+    cs.add_argument("--measure", action="store_true", help="measure the per-layer profile first (cold runs)")
+    cs.add_argument("--runs", type=int, default=3, help="cold runs per baseline when measuring")
+    cs.add_argument("--run", action="store_true", help="run the plan once from the cold state and report it")
+    cs.add_argument("-o", "--output", action="append", help="export the plan: plan.json or plan.md (repeatable)")
+    cs.add_argument("--save", help="save the scheduled program (.safetensors)")
+    cs.add_argument("--batch-size", type=int, default=1)
+    cs.set_defaults(func=cmd_cold_start)
     return parser
 
 

@@ -6,7 +6,9 @@ is a DAG: every op reads any earlier value; when shapes differ an adapter (pooli
 linear, reshape) makes them compatible. Several task models read the same input; tasks may start
 with a `copy.deepcopy` of one shared prefix (or be a deep copy of an earlier task) so `cse` has
 work, and ops such as a weight transposed twice, a buffer scaled by a constant or a
-`torch.arange` position range give `fold-constants` work. Some activations and additions run in
+`torch.arange` position range give `fold-constants` work. A copied task or a task over the
+shared prefix may be `perturb`ed (its weights get noise): same architecture, other weights, which
+is what `batch-ops` batches. Some activations and additions run in
 place, so passes that reorder or merge values must respect mutation.
 """
 

@@ -141,6 +141,33 @@ def test_different_output_widths_on_one_input() -> None:
     assert_outputs_close(result(x), program(x))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_views_of_slices_and_outputs_stay_valid(batch: int) -> None:
+    """After merging, each model sees a strided slice of the packed tensor: a `view` of it would fail
+    and an output slice would surprise callers that `view` it, so the pass reshapes / copies."""
+    class TwoWays(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            a, b = self.a(x), self.b(x)
+            return a.view(a.shape[0], -1), b.mean((2, 3)), b
+
+    torch.manual_seed(3)
+    model = TwoWays().eval()
+    x = torch.randn(batch, 3, 5, 5)
+    program = morphc.lower({"m": model}, x)
+    result = PassManager("batch-ops").run(program, _ctx())
+    assert count_ops(result, "conv2d") == 1 and count_ops(result, "view") == 0
+    # a channel slice is contiguous at batch 1 (no copy needed), strided at batch 2 (two outputs copied)
+    assert count_ops(result, "clone") == (0 if batch == 1 else 2)
+    got = result(x)
+    assert_outputs_close(got, program(x))
+    for value in got.values():
+        value.view(-1)  # contiguous, like the model's own outputs
+
+
 class SeparateInputs(nn.Module):
     """N models, each on its own input: one task with N inputs (NetFuse's setting)."""
 
@@ -163,8 +190,45 @@ def test_separate_inputs_become_grouped_convolutions() -> None:
     convs = [n for n in result.graph.nodes if n.target is torch.ops.aten.conv2d.default]
     assert all(n.args[6] == 3 for n in convs)  # groups = 1 x 3 models
     assert_outputs_close(result(*xs), program(*xs))
-    off = PassManager("fold-batchnorm,batch-ops{separate-inputs=false}").run(program, _ctx())
+    off = PassManager("fold-batchnorm,batch-ops{separate-inputs=none}").run(program, _ctx())
     assert count_ops(off, "conv2d") == 6
+
+
+def test_separate_input_linears_only_when_asked() -> None:
+    torch.manual_seed(4)
+    mlps = [nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).eval() for _ in range(3)]
+    xs = tuple(torch.randn(4, 6) for _ in mlps)
+    program = morphc.lower({"mlps": SeparateInputs(mlps).eval()}, xs)
+    default = PassManager("batch-ops").run(program, _ctx())
+    assert count_ops(default, "linear") == 6  # default: separate inputs only for convs
+    batched = PassManager("batch-ops{separate-inputs=all}").run(program, _ctx())
+    assert count_ops(batched, "linear") == 0 and count_ops(batched, "baddbmm") == 2
+    assert count_ops(batched, "gelu") == 1
+    assert_outputs_close(batched(*xs), program(*xs))
+
+
+def test_input_computed_late_reorders_the_graph() -> None:
+    """The second conv's input comes after the first conv's users in graph order: the batched conv
+    goes after it and the graph is re-sorted so every node still follows its inputs."""
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = self.a(torch.relu(x)) * 2.0
+            return z, self.b(torch.sigmoid(x))
+
+    torch.manual_seed(5)
+    model = Late().eval()
+    x = torch.randn(1, 3, 6, 6)
+    program = morphc.lower({"late": model}, x)
+    result = BatchOps().run(program.clone(), _ctx())
+    assert result.statistics["separate-input-groups"] == 1
+    result.program.mark_modified()
+    morphc.verify(result.program)
+    assert count_ops(result.program, "conv2d") == 1 and count_ops(result.program, "cat") == 1
+    assert_outputs_close(result.program(x), program(x))
 
 
 def test_dependent_ops_are_not_batched() -> None:
@@ -185,9 +249,9 @@ def test_options_limit_what_is_batched() -> None:
     program = morphc.lower(models, x)
     untouched = PassManager("batch-ops{min-group=4}").run(program, _ctx())
     assert count_ops(untouched, "conv2d") == 6
-    pairs = PassManager("batch-ops{max-group=2,separate-inputs=false}").run(program, _ctx())
+    pairs = PassManager("batch-ops{max-group=2,separate-inputs=none}").run(program, _ctx())
     assert count_ops(pairs, "conv2d") == 3 + 1  # one pair batched (2 convs), the third model alone (2 convs)
-    linear_only = PassManager("batch-ops{ops=linear}").run(program, _ctx())
+    linear_only = PassManager("batch-ops{ops=linear,separate-inputs=all}").run(program, _ctx())
     assert count_ops(linear_only, "conv2d") == 6 and count_ops(linear_only, "linear") == 0
     for p in (untouched, pairs, linear_only):
         assert_outputs_close(p(x), reference(models, x))
@@ -212,7 +276,7 @@ def test_bad_options_from_python() -> None:
 
 
 def test_pipeline_text_round_trips() -> None:
-    text = 'batch-ops{min-group=3,max-group=8,ops=conv,separate-inputs=false}'
+    text = 'batch-ops{min-group=3,max-group=8,ops=conv,separate-inputs=all}'
     assert str(morphc.Pipeline.parse(text)) == text
     assert str(morphc.Pipeline.parse('batch-ops{ops="conv,linear"}')) == "batch-ops"
 

@@ -414,5 +414,5 @@ def test_unknown_compile_target(program: Program) -> None:
 
 def test_unknown_compile_target_in_pipeline_text() -> None:
     with pytest.raises(PipelineSyntaxError, match=r"option 'target' of pass 'compile' must be one of .*eager.*; "
-                                                  "got 'tensorrt'"):
-        morphc.Pipeline.parse("cse,compile{target=tensorrt}")
+                                                  "got 'openvino'"):
+        morphc.Pipeline.parse("cse,compile{target=openvino}")

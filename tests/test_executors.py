@@ -76,9 +76,14 @@ def test_local_pool_of_two() -> None:
     assert ex._pool is None
 
 
-def test_empty_items() -> None:
+def test_empty_items_and_stopping_early() -> None:
     with get_executor("local", max_workers=2) as ex:
         assert list(ex.map_unordered(seeded_work, [])) == []
+        it = ex.map_unordered(seeded_work, list(range(20)))
+        first_index, _ = next(it)
+        assert 0 <= first_index < 20
+        it.close()  # a caller that stops iterating: the rest is cancelled, the pool stays usable
+        check_same_results(ex)
 
 
 @pytest.fixture(scope="module")

@@ -115,8 +115,7 @@ def test_plan_is_valid_for_any_profile(costs: LayerCosts, strategy: str, channel
     if strategy == "plan":  # the plan starts from the pipeline and only takes improvements
         pipeline = make_schedule(costs, "pipeline", channels=channels, lookahead=lookahead)
         assert schedule.total_ms <= pipeline.total_ms + 1e-6
-        direct, = {m for m in make_schedule(costs, "direct").modes} or {"direct"}
-        assert direct == "direct"
+        assert set(make_schedule(costs, "direct").modes) <= {"direct"}
 
 
 def test_plan_picks_direct_access_for_an_embedding_lookup() -> None:

@@ -75,7 +75,9 @@ def test_pass_preserves_outputs(pass_name: str, spec, data) -> None:
     assert str(program) == before, "the pass manager must not modify the program it is given"
 
 
-NON_SEMANTIC_PASSES = sorted(name for name, cls in PASSES.items() if not cls.preserves_semantics and not cls.terminal)
+NON_SEMANTIC_PASSES = sorted(name for name, cls in PASSES.items()
+                             if not cls.preserves_semantics and not cls.terminal and not cls.context_needs)
+NEEDY_PASSES = sorted(name for name, cls in PASSES.items() if cls.context_needs)
 
 
 @pytest.mark.parametrize("pass_name", NON_SEMANTIC_PASSES)
@@ -307,3 +309,16 @@ def test_annotations_on_a_clone_do_not_leak_into_the_original() -> None:
     clone.annotate(Note("b", 0.0, ()), clone.node(node.name))
     assert program.annotation(Note, node) == Note("a", 0.0, ())
     assert ANNOTATIONS_KEY in node.meta
+
+
+@pytest.mark.parametrize("pass_name", NEEDY_PASSES)
+def test_passes_refuse_clearly_without_what_they_need(pass_name: str) -> None:
+    """A pass that needs calibration data or a tuner (tested with them in its own file) names the missing
+    need instead of running on defaults."""
+    assert NEEDY_PASSES, "no pass declares context_needs"
+    spec_program = morphc.lower(torch.nn.Linear(4, 2).eval(), (torch.randn(1, 4),))
+    with pytest.raises(morphc.PassFailure) as info:
+        PassManager([PASSES[pass_name]()]).run(spec_program, _context())
+    message = str(info.value)
+    for need in PASSES[pass_name].context_needs:
+        assert need.split("[")[0] in message, f"{pass_name}: error does not name {need}: {message}"

@@ -17,7 +17,7 @@ two-task Program checked against the originals, then `fuse-models` (distillation
 calibration texts, accuracy on held-out labelled texts), then latency of the 2 models vs the fused
 model side by side at batch 1 and 8 on the same target. Results: benchmarks/results/fusion_suite2.{md,json}.
 
-    python benchmarks/fusion/suite2_minilm.py                 # everything (about 30-40 min on 2 cores)
+    python benchmarks/fusion/suite2_minilm.py                 # all: fine-tune once (5-9 min), search (10 min), timing
     python benchmarks/fusion/suite2_minilm.py --prepare-only  # data, fine-tuning, Program check, baseline latency
 """
 
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import morphc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -104,9 +106,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=tc.SEQ_LEN)
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps of the topic classifier")
     parser.add_argument("--batch", type=int, default=8, help="Program batch size for fusion (calibration/eval)")
-    parser.add_argument("--calibration", type=int, default=512, help="unlabelled calibration texts")
+    parser.add_argument("--calibration", type=int, default=1024, help="unlabelled calibration texts")
     parser.add_argument("--out", default="fusion_suite2")
-    tc.add_fusion_arguments(parser, time_budget_s=1500, distill_steps=200, distill_lr=3e-4)
+    tc.add_fusion_arguments(parser, time_budget_s=480, distill_steps=300, distill_lr=3e-3)
     args = parser.parse_args()
     threads = common.set_threads(args.threads)
     load_at_start = common.load_average()
@@ -133,6 +135,7 @@ def main() -> None:
         options = tc.fusion_options(args, state)
         fused, stats, wall, fusion_report = tc.fuse(program, data, options)
         report_md = fusion_report.write(common.RESULTS / f"{args.out}_search")
+        morphc.save(fused, tc.CACHE_DIR / f"{args.out}-fused.safetensors")  # to re-time without searching again
         outputs = tc.program_outputs(fused, data.batches("eval"))
         after = tc.score_tasks(outputs, reference, data)
         knn["fused"] = tc.knn_accuracy(outputs["embed"], prep["test"].labels[:n_eval], train_emb,

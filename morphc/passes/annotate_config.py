@@ -1,6 +1,6 @@
 """`annotate-config`: choose the serving configuration and write it into the Program.
 
-    annotate-config{slo-ms=20,objective=throughput-per-core,budget=10,strategy=morphling}
+    annotate-config{slo-ms=20,objective=throughput-per-core,budget=10,strategy=ensemble-ei}
 
 The tuner comes from the PassContext (`ctx.options["tuner"]`, an object with the `ConfigTuner`
 protocol below, e.g. `morphc.predictors.tuner.service.ConfigTuner`), its measurements and trials go
@@ -53,12 +53,13 @@ class AnnotateConfig(Pass):
     name: ClassVar[str] = "annotate-config"
     preserves_semantics: ClassVar[bool] = False  # may return the program lowered at the chosen batch
     opt_level: ClassVar[int] = 0
+    context_needs: ClassVar[tuple[str, ...]] = ("options['tuner']",)
 
     slo_ms: float = option(0.0, "latency SLO per batch in milliseconds (0: no SLO)")
     objective: Literal["throughput-per-core", "throughput", "latency"] = option(
         "throughput-per-core", "what to maximize among configs that meet the SLO")
     budget: int = option(10, "configurations to measure")
-    strategy: Literal["morphling", "ensemble-ei"] = option("morphling", "acquisition of the SMBO loop")
+    strategy: Literal["morphling", "ensemble-ei"] = option("ensemble-ei", "acquisition of the SMBO loop")
     seed: int = option(0, "seed of the tuner (tie-breaking, baselines)")
     rebatch: bool = option(False, "search other batch sizes too and return the program lowered at the chosen one "
                                   "(needs a tuner with a model source; earlier rewrites are not replayed on it)")

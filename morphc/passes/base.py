@@ -117,6 +117,10 @@ class Pass(ABC):
     preserves_semantics: ClassVar[bool] = True  # outputs equal the input program's (property-tested)
     terminal: ClassVar[bool] = False  # produces an artifact instead of a program; ends a pipeline
     opt_level: ClassVar[int] = 1  # runs only when PassContext.opt_level >= this
+    # What the pass needs from the PassContext beyond the program (e.g. "calibration", "options['tuner']");
+    # without it the pass must refuse with an error naming the need. Generic property tests skip such passes'
+    # rewrites (each has its own tests) and check that refusal instead.
+    context_needs: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def run(self, program: Program, ctx: PassContext) -> PassResult:

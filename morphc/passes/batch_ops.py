@@ -7,7 +7,8 @@ layers N times on N small tensors. Batched, each layer runs once on a tensor N t
       output channels, then `split_with_sizes` hands every consumer its slice;
   (b) convs / linears with identical configs reading DIFFERENT inputs of one shape: the inputs
       are concatenated along channels (features) and run as one grouped convolution (groups x N)
-      or one batched matmul (`bmm` over stacked weights), then split;
+      or one batched matmul (`bmm` over stacked weights), then split. Linears only with
+      `separate-inputs=all`: on CPU a cat + bmm costs about what N small linears do (measured);
   (c) propagation: when every member of a split is consumed by the same kind of op (conv, linear,
       batch norm, pooling, reductions, views, any pointwise op such as relu/add/mul), that op runs
       once on the packed tensor instead, so N identical towers become one batched tower.
@@ -26,7 +27,7 @@ import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -139,15 +140,16 @@ def _batchable(node: fx.Node) -> bool:
 @register_pass
 @dataclass(frozen=True)
 class BatchOps(Pass):
-    """Batch parallel same-shape convs/linears with different weights (and the towers they start) into
-    grouped convolutions / batched matmuls, as NetFuse and Retiarii's operator batching do."""
+    """Run parallel same-shape convs/linears with different weights, and the towers they start, as one
+    grouped convolution / batched matmul (NetFuse, Retiarii operator batching)."""
 
     name: ClassVar[str] = "batch-ops"
 
     min_group: int = option(2, "fewest parallel ops worth batching (>= 2)")
     max_group: int = option(0, "most ops batched into one (0: no limit)")
     ops: str = option("conv,linear", "op kinds that start a batch, comma-separated: conv, linear")
-    separate_inputs: bool = option(True, "also batch ops reading different inputs (concatenate + grouped op)")
+    separate_inputs: Literal["conv", "all", "none"] = option(
+        "conv", "batch ops reading different inputs (concatenate + grouped op): convs only, convs and linears, none")
 
     def __post_init__(self) -> None:
         if self.min_group < 2:
@@ -186,12 +188,13 @@ class _Rewriter:
         self.stats: dict[str, int] = {"groups": 0, "ops-batched": 0, "shared-input-groups": 0,
                                       "separate-input-groups": 0}
         self.registered: list[str] = []  # parameters this pass added to the GraphModule
+        self.splits_made: set[fx.Node] = set()  # splits of packed values this pass built (contiguous)
 
     # -- driver ---------------------------------------------------------------------------------
 
     def run(self) -> None:
         while (self._propagate_once() or self._seed_once(shared_input=True)
-               or (self.opts.separate_inputs and self._seed_once(shared_input=False))):
+               or (self.opts.separate_inputs != "none" and self._seed_once(shared_input=False))):
             pass
         if self.stats["groups"]:
             self._finish_members()
@@ -245,6 +248,8 @@ class _Rewriter:
             if node.op != "call_function" or not self._seed_kind(node) or not isinstance(node.args[0], fx.Node) \
                     or not isinstance(node.args[1], fx.Node):
                 continue
+            if not shared_input and self.opts.separate_inputs == "conv" and node.target not in CONV_OPS:
+                continue  # a cat + bmm per linear layer costs about what N linears do on CPU
             try:
                 if shared_input:  # output channels may differ: weight shape without dim 0, no bias shape
                     literal = _key(node, None)
@@ -327,6 +332,7 @@ class _Rewriter:
         with self.graph.inserting_before(where):
             packed = plan.build()
             split = self.graph.call_function(SPLIT, (packed, list(plan.out_sizes), plan.out_dim))
+            self.splits_made.add(split)
             pieces = [self.graph.call_function(operator.getitem, (split, i)) for i in range(len(plan.out_sizes))]
         path = "+".join(dict.fromkeys(str(g.meta.get(MODULE_PATH_KEY, "")) for g in group))
         node = anchor.next
@@ -386,7 +392,7 @@ class _Rewriter:
     def _finish_members(self) -> None:
         """Members of a split are strided slices where the replaced values were contiguous: `view` of
         one would fail (use `reshape`), `as_strided` would read other members, and callers may `view`
-        program outputs: those get a contiguous copy."""
+        program outputs: outputs that are members or views of one get a contiguous copy."""
         for node in list(self.graph.nodes):
             if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node) \
                     or _member_of(node.args[0]) is None:
@@ -397,10 +403,27 @@ class _Rewriter:
                 with self.graph.inserting_before(node):
                     node.replace_input_with(node.args[0], self.graph.call_function(aten.clone.default, (node.args[0],)))
         output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
-        for leaf in dict.fromkeys(a for a in output.all_input_nodes if _member_of(a) is not None):
+        for leaf in dict.fromkeys(a for a in output.all_input_nodes if _views_a_member(a, self.splits_made)):
             with self.graph.inserting_before(output):
                 copy = self.graph.call_function(aten.clone.default, (leaf,))
             output.replace_input_with(leaf, copy)
+
+
+def _views_a_member(node: fx.Node, made: set[fx.Node]) -> bool:
+    """True when `node` is a split member or a view of one, and maybe strided where the model's value was
+    not: a slice along `dim` of a contiguous tensor (what this pass's packed values are, the splits in
+    `made`) is contiguous when every dim before `dim` has size 1."""
+    while node.op == "call_function" and node.target in VIEW_OPS | SHAPE_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    member = _member_of(node)
+    if member is None:
+        return False
+    try:
+        info = _split_info(member[0])
+        shape = _shape(node)
+    except _Reject:
+        return True
+    return member[0] not in made or info is None or math.prod(shape[:info[0].dim]) != 1
 
 
 def _set_meta(node: fx.Node, outputs: tuple[TensorMeta, ...], path: str) -> None:
@@ -598,8 +621,13 @@ def _plan_linear(rw: _Rewriter, group: list[fx.Node], x: Deferred, dim: int, siz
     weight = rw.stack(weights, f"{node0.name}_batched_weight", transpose=True)  # type: ignore[arg-type]
     if all(b is None for b in biases):
         bias = None
+    elif all(isinstance(b, fx.Node) and b.op == "get_attr" for b in biases):  # (N, 1, O), made now
+        stacked = torch.stack([rw.program.tensor(str(b.target)) for b in biases]).unsqueeze(1)  # type: ignore[union-attr]
+        bias = rw.param(stacked, f"{node0.name}_batched_bias")
     elif all(isinstance(b, fx.Node) for b in biases):
-        bias = rw.stack(biases, f"{node0.name}_batched_bias", transpose=False)  # type: ignore[arg-type]
+        stacked_bias = rw.stack(biases, f"{node0.name}_batched_bias", transpose=False)  # type: ignore[arg-type]
+        bias = Deferred(lambda: rw.graph.call_function(aten.unsqueeze.default, (stacked_bias(), 1)),
+                        stacked_bias.reads)
     else:
         return None
 
@@ -610,8 +638,7 @@ def _plan_linear(rw: _Rewriter, group: list[fx.Node], x: Deferred, dim: int, siz
         if bias is None:
             y = g.call_function(aten.bmm.default, (xt, weight()))
         else:
-            b3 = g.call_function(aten.unsqueeze.default, (bias(), 1))
-            y = g.call_function(aten.baddbmm.default, (b3, xt, weight()))
+            y = g.call_function(aten.baddbmm.default, (bias(), xt, weight()))
         yt = g.call_function(aten.transpose.int, (y, 0, 1))
         return g.call_function(aten.reshape.default, (yt, [*out_shape[:-1], n * out]))
 

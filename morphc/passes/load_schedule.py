@@ -51,6 +51,7 @@ from morphc.passes.manager import PassContext
 
 PROFILE_KIND = "layer-profile"  # records-database kind written by morphc.predictors.layer_profile
 MAX_CHANNELS = 16
+MIN_GAIN = 0.002  # switch a layer's mode only for a gain above 0.2% of the simulated total
 
 # analytic defaults per tier (used when no measured profile is available)
 DEFAULT_BANDWIDTH_GBS = {"disk": 1.8, "host": 12.0}  # FACTS: cold file reads 1.5-2.0 GB/s; PCIe 3 x16 pinned
@@ -210,7 +211,7 @@ def make_schedule(costs: LayerCosts, strategy: str = "plan", *, channels: int = 
                 trial[i] = "direct" if modes[i] == "load" else "load"
                 trial_chan = _assign_channels(costs, trial, effective)
                 t_line, t_total = simulate(costs, trial, issue, trial_chan, effective)
-                if t_total < total - 1e-9:
+                if t_total < total - max(1e-9, MIN_GAIN * total):  # a real gain, not a rounding or noise one
                     modes, chan, timeline, total, changed = trial, trial_chan, t_line, t_total, True
             if not changed:
                 break

@@ -237,10 +237,24 @@ def eliminate_dead_code(program: Program) -> int:
     return removed
 
 
+def reset_names(program: Program) -> None:
+    """Rebuild the graph so its name table holds only live nodes' names.
+
+    fx keeps the names of erased nodes reserved, so a node created later would be named after the
+    program's whole past; after this, the names new nodes get depend only on the current graph, and
+    a history replays to the same names whichever way (fresh, or from a cached intermediate) it runs.
+    """
+    graph = fx.Graph()
+    out = graph.output(graph.graph_copy(program.graph, {}))
+    out.meta.update(program.output_node.meta)
+    program.graph_module = fx.GraphModule(program.graph_module, graph)
+
+
 def tidy(program: Program) -> None:
-    """After a rewrite: topological order, no dead code, fresh code and metadata."""
+    """After a rewrite: topological order, no dead code, fresh name table, code and metadata."""
     topo_sort(program.graph)
     eliminate_dead_code(program)
+    reset_names(program)
     program.mark_modified()
 
 
@@ -558,7 +572,8 @@ class InsertMutator(Mutator):
 
 def merge_candidates(program: Program, *, adapters: bool = True) -> list[tuple[str, str]]:
     """(target, source) pairs: target is a block boundary exclusive to one task B, source a block
-    boundary of another task that B does not use yet, with equal shapes or a small adapter between."""
+    boundary of another task that B does not use yet, with equal shapes or a small adapter between.
+    Task outputs are neither targets (some layers must stay to adapt) nor sources (logits are no features)."""
     heavy = heavy_dataflow(program)
     reach = task_reach(program)
     cuts = {t: cut_points(program, t, heavy) for t in program.tasks}
@@ -573,8 +588,8 @@ def merge_candidates(program: Program, *, adapters: bool = True) -> list[tuple[s
                 if a == b:
                     continue
                 for source in cuts[a]:
-                    if b in reach[source]:
-                        continue
+                    if b in reach[source] or source in leaves:
+                        continue  # another task's outputs (logits) are not features to build on
                     plan = adapter_plan(node_meta(source).shape or (), dst or ())
                     if plan is None or (plan and not adapters):
                         continue

@@ -103,6 +103,7 @@ def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: 
 
 
 MAX_SPREAD = 2.0  # p90/p10 above this: the measurement was disturbed (other processes), measure again
+UNUSABLE_SPREAD = 10.0  # p90/p10 above this even after retries: left out of training and evaluation
 
 
 # More threads than 1 this much slower than 1 thread, measured interleaved: the second thread could not get a
@@ -194,7 +195,7 @@ class Sample:
     latency_ms: float
     runtime: np.ndarray | None  # [N, 2] per-op ms at 1 and 2 threads, when profiled
     load: float | None
-    unstable: bool = False  # p90/p10 spread above MAX_SPREAD, or contended (see CONTENDED_RATIO), after retries
+    unstable: bool = False  # p90/p10 spread above UNUSABLE_SPREAD, or contended (see CONTENDED_RATIO), after retries
 
 
 STATISTIC = "p10_ms"  # the latency the cost model learns; see load_samples
@@ -244,5 +245,5 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
             spread = float(lat.stats["p90_ms"]) / max(float(lat.stats["p10_ms"]), 1e-9)
             contended = bool(single) and config.threads > 1 and ms > CONTENDED_RATIO * single[0]
             samples.append(Sample(rec.model, rec.stats["family"], fp, graph, config, ms, runtime,
-                                  lat.stats.get("load_before"), spread > MAX_SPREAD or contended))
+                                  lat.stats.get("load_before"), spread > UNUSABLE_SPREAD or contended))
     return samples

@@ -5,7 +5,9 @@ on one I/O thread, in load order, as a pipeline would), the time to compute its 
 weights resident, and the time to compute it on the weights where they lie from the cold state
 (direct access). Measured from real cold runs of two baselines of the same executor: on-demand
 (every layer loaded back to back, then the whole model computed on resident weights) gives load
-and resident compute times; direct-access-only gives the direct times. Medians over `runs`.
+and resident compute times; direct-access-only gives the direct times. Per-layer medians over
+`runs`, rescaled so each kind of time sums to the median whole run (preemption on shared cores
+hits random layers, so summed per-layer medians would underestimate a run).
 
 Stored as kind "layer-profile" keyed by `layer_profile_key(program)` (the same before and after
 scheduling) and the device fingerprint, so `insert-load-schedule` finds it through
@@ -70,11 +72,26 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
              min(r.layers[i].load_start_ms for i in range(len(layers))) for r in od_runs] if len(layers) else [0.0]
     bandwidth = layers.nbytes / (med(spans) * 1e6) if med(spans) > 0 else 0.0
     resident = med([t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0) for t in od_runs])
+    direct_total = med([t.total_ms - max(0.0, t.prologue_end_ms - t.prologue_start_ms) for t in dr_runs])
+    # Per-layer medians give each layer's share; whole-run medians give the level. On shared cores a
+    # preemption lands on a random layer, so a sum of per-layer medians underestimates a typical run:
+    # rescale each kind of time so that its sum matches the median run (recorded in `extra`).
+    scales = {"load": _scale(med(spans), [c.load_ms for c in costs]),
+              "compute": _scale(resident - prologue, [c.compute_ms for c in costs]),
+              "direct": _scale(direct_total, [c.direct_ms for c in costs])}
+    costs = [LayerCost(c.name, c.nbytes, c.touched_bytes, c.load_ms * scales["load"], c.compute_ms * scales["compute"],
+                       max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
     extra = {"runs": runs, "threads": torch.get_num_threads(), "cold_read_gbs": bandwidth,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
-             "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs])}
+             "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales}
     return LayerCosts(tuple(costs), prologue, "measured", "disk", bandwidth, 0.0, extra)
+
+
+def _scale(total: float, parts: list[float]) -> float:
+    """The factor making `parts` sum to `total` (1 when either is not positive)."""
+    s = sum(parts)
+    return total / s if s > 0 and total > 0 else 1.0
 
 
 def profile_layers(program: Program, db: RecordsDB, weights: WeightsFile | str | Path, *, runs: int = 3,

@@ -1,6 +1,7 @@
 """Runtime: executables for each target, the compile pass, and the torch.compile backend."""
 
-from morphc.runtime import compile_pass, eager, onnx_runtime  # noqa: F401  (registration)
+# registration (tvm and tensorrt themselves are imported lazily, when compiling)
+from morphc.runtime import compile_pass, eager, onnx_runtime, tensorrt_target, tvm_target  # noqa: F401
 from morphc.runtime.executable import (
     CompileError,
     CompileReport,

@@ -9,7 +9,7 @@ from morphc.errors import PassOptionError
 from morphc.ir.program import Program
 from morphc.passes.base import Pass, PassResult, option, register_pass
 from morphc.passes.manager import PassContext
-from morphc.runtime.executable import compile_program, targets
+from morphc.runtime.executable import compile_program, target_class, targets
 
 
 @register_pass
@@ -30,6 +30,9 @@ class Compile(Pass):
                                   f"got '{self.target}'")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
+        options = dict(ctx.options.get(self.target, {}))
+        if target_class(self.target).uses_records and ctx.records is not None:
+            options.setdefault("records", ctx.records)  # e.g. TVM tuning logs live in the records database
         exe = compile_program(program, self.target, verify=self.verify, atol=self.atol, rtol=self.rtol,
-                              options=dict(ctx.options.get(self.target, {})))
+                              options=options)
         return PassResult(program, modified=False, artifact=exe)

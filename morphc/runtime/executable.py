@@ -29,6 +29,15 @@ class CompileError(MorphcError):
     """A target could not compile a program, or compiled it to something that computes wrong values."""
 
 
+class UnsupportedOpsError(CompileError):
+    """Compiling found nodes the target cannot take (`nodes`: {node name: reason}); with fallback
+    on, compile_program then runs those nodes in torch and compiles the rest."""
+
+    def __init__(self, message: str, nodes: dict[str, str]) -> None:
+        super().__init__(message)
+        self.nodes = dict(nodes)
+
+
 @dataclass
 class Fallback:
     """A node the target could not take, which runs in torch instead."""
@@ -62,6 +71,7 @@ class Executable(ABC):
     """A compiled Program: call it like the Program ({output name: tensor}), save it, load it."""
 
     target: ClassVar[str]
+    uses_records: ClassVar[bool] = False  # takes options["records"] (the compile pass passes PassContext.records)
 
     def __init__(self, program: Program, report: CompileReport) -> None:
         self.program = program
@@ -71,6 +81,11 @@ class Executable(ABC):
     @abstractmethod
     def compile(cls, program: Program, options: dict[str, Any]) -> Executable:
         """Build the executable for `program` (options are target-specific)."""
+
+    @classmethod
+    def unsupported_nodes(cls, program: Program, options: dict[str, Any]) -> dict[str, str]:
+        """{node name: reason} for nodes this target cannot take (they fall back to torch)."""
+        return {}
 
     @abstractmethod
     def run(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -143,11 +158,32 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 def compile_program(program: Program, target: str = "eager", *, verify: bool = True, atol: float = 1e-4,
-                    rtol: float = 1e-4, options: dict[str, Any] | None = None) -> Executable:
-    """Compile `program` for `target`; with `verify`, refuse results that differ from eager."""
+                    rtol: float = 1e-4, options: dict[str, Any] | None = None, fallback: bool = True) -> Executable:
+    """Compile `program` for `target`; with `verify`, refuse results that differ from eager.
+
+    Nodes the target cannot take run in torch (`fallback`, listed in the report's fallbacks) with
+    the rest compiled in pieces; with fallback=False they make compiling fail instead.
+    """
     cls = target_class(target)
+    opts = dict(options or {})
     start = time.perf_counter()
-    exe = cls.compile(program, dict(options or {}))
+    unsupported = cls.unsupported_nodes(program, opts)
+    if unsupported and not fallback:
+        listed = "; ".join(f"{name}: {why}" for name, why in unsupported.items())
+        raise CompileError(f"target '{target}' cannot take {len(unsupported)} node(s) ({listed}); "
+                           "compile with fallback=True to run them in torch")
+    exe: Executable | None = None
+    if not unsupported:
+        try:
+            exe = cls.compile(program, opts)
+        except UnsupportedOpsError as err:  # found only while compiling (e.g. an op decomposing to one
+            if not fallback:               # the exporter lacks): fall back for those nodes
+                raise
+            unsupported = err.nodes
+    if exe is None:
+        from morphc.runtime.partition import PartitionedExecutable
+
+        exe = PartitionedExecutable.build(program, cls, opts, unsupported)
     exe.report.compile_seconds = time.perf_counter() - start
     if verify:
         expected = program(*program.example_inputs)
@@ -174,7 +210,12 @@ def load_executable(path: str | Path) -> Executable:
     if manifest.get("format") != "morphc.executable" or manifest.get("version") != 1:
         raise SerializationError(f"'{manifest_path}' has format {manifest.get('format')!r} "
                                  f"version {manifest.get('version')!r}; expected morphc.executable version 1")
-    cls = target_class(manifest["target"])
+    if manifest["target"] == "partitioned":
+        from morphc.runtime.partition import PartitionedExecutable
+
+        cls: type[Executable] = PartitionedExecutable
+    else:
+        cls = target_class(manifest["target"])
     program = serialization.load(path / PROGRAM_FILE)
     return cls.load_from(path, program, CompileReport.from_json(manifest["report"]))
 

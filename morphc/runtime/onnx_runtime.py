@@ -7,17 +7,22 @@ compiles or loads. Options (PassContext.options["onnxruntime"] or `compile_progr
     threads        intra-op threads of the session (default: torch.get_num_threads())
     optimization   ONNX Runtime graph optimization level: disable | basic | extended | all (default all)
     providers      execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]
-                   (default: CPU)
+                   (default: CUDA first where this onnxruntime build has it and a GPU is present,
+                   then CPU)
+    transformer    run ONNX Runtime's transformer optimizer (fused attention, LayerNorm, GELU)
+                   before the session: "bert" or "none" (default "none"; measure before enabling)
 
-Whole-program only for now: an op the exporter cannot convert makes compiling fail with a
-CompileError naming it (partitioning with per-op fallback to torch is the compile-targets issue).
+Ops the exporter has no ONNX function for (custom torch.library ops) fall back to torch through
+`morphc.runtime.partition`. `export_onnx` is shared with the TensorRT target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +31,19 @@ from typing import Any
 import torch
 
 from morphc.ir.program import Program
-from morphc.runtime.executable import CompileError, CompileReport, Executable, register_target
+from morphc.runtime.executable import (
+    CompileError,
+    CompileReport,
+    Executable,
+    UnsupportedOpsError,
+    register_target,
+)
 
 MODEL_FILE = "model.onnx"
 OPTIONS_FILE = "onnxruntime.json"
 _LEVELS = ("disable", "basic", "extended", "all")
-_VALID_OPTIONS = ("threads", "optimization", "providers")
+_VALID_OPTIONS = ("threads", "optimization", "providers", "transformer")
+_TRANSFORMER = ("none", "bert")
 
 
 def _import_ort() -> Any:
@@ -57,7 +69,29 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def export_onnx(program: Program) -> bytes:
+@functools.cache
+def _onnx_registry() -> Any:
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    with _quiet_exporter():
+        return ONNXRegistry.from_torchlib()
+
+
+def unsupported(program: Program, target: str = "onnxruntime") -> dict[str, str]:
+    """Nodes torch.onnx cannot export: non-ATen operators without an ONNX function (ATen ops
+    lacking one are decomposed by the exporter, so they are not listed)."""
+    registry = _onnx_registry()
+    out = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = node.target
+        if isinstance(op, torch._ops.OpOverload) and op.namespace != "aten" and not registry.is_registered(op):
+            out[node.name] = f"torch.onnx has no ONNX function for {op.namespace}.{op._opname}.{op._overloadname}"
+    return out
+
+
+def export_onnx(program: Program, target: str = "onnxruntime") -> bytes:
     """The Program as a serialized, checked ONNX model whose inputs and outputs keep their names."""
     import onnx
 
@@ -70,14 +104,30 @@ def export_onnx(program: Program) -> bytes:
                 input_names=[s.name for s in program.inputs], output_names=[s.name for s in program.outputs],
             )
     except Exception as exc:  # the exporter raises several types; the message names the op
+        nodes = _nodes_named_in(str(exc), program)
+        if nodes:
+            raise UnsupportedOpsError(f"torch.onnx has no ONNX function for node(s) {sorted(nodes)} "
+                                      f"(target '{target}')", nodes) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompileError(f"torch.onnx could not export the program for target 'onnxruntime': {first}") from exc
+        raise CompileError(f"torch.onnx could not export the program for target '{target}': {first}") from exc
     model = onnx_program.model_proto
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise CompileError(f"the exported ONNX model is invalid: {exc}") from exc
     return model.SerializeToString()
+
+
+def _nodes_named_in(message: str, program: Program) -> dict[str, str]:
+    """Nodes whose operator the exporter's DispatchError names (directly or as the prims op an
+    ATen op decomposes to, e.g. aten.hypot -> prims.hypot)."""
+    match = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", message)
+    if not match:
+        return {}
+    opname = match.group(1).rsplit(".", 1)[-1]
+    reason = f"torch.onnx has no ONNX function for {match.group(1)}.{match.group(2)}"
+    return {n.name: reason for n in program.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "_opname", None) == opname}
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -88,13 +138,37 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     threads = options.get("threads")
     opts = {"threads": int(threads) if threads is not None else torch.get_num_threads(),
             "optimization": str(options.get("optimization", "all")),
-            "providers": list(options.get("providers", ["CPUExecutionProvider"]))}
+            "providers": list(options.get("providers", _default_providers())),
+            "transformer": str(options.get("transformer", "none"))}
+    if opts["transformer"] not in _TRANSFORMER:
+        raise CompileError(f"option 'transformer' of target 'onnxruntime' must be one of {', '.join(_TRANSFORMER)}; "
+                           f"got {opts['transformer']!r}")
     if opts["optimization"] not in _LEVELS:
         raise CompileError(f"option 'optimization' of target 'onnxruntime' must be one of {', '.join(_LEVELS)}; "
                            f"got {opts['optimization']!r}")
     if opts["threads"] < 1:
         raise CompileError(f"option 'threads' of target 'onnxruntime' must be >= 1, got {opts['threads']}")
     return opts
+
+
+def _default_providers() -> list[str]:
+    """CUDA where this onnxruntime build has it and torch sees a GPU, then CPU."""
+    available = _import_ort().get_available_providers()
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def optimize_transformer(model: bytes, program: Program) -> tuple[bytes, dict[str, int]]:
+    """ONNX Runtime's transformer optimizer (model_type bert): fuses attention, LayerNorm, GELU."""
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    with _quiet_exporter():
+        optimized = optimizer.optimize_model(onnx.load_from_string(model), model_type="bert", num_heads=0,
+                                             hidden_size=0, opt_level=0)
+    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    return optimized.model.SerializeToString(), fused
 
 
 @register_target
@@ -130,7 +204,15 @@ class OnnxRuntimeExecutable(Executable):
         opts = _check_options(options)
         _import_ort()
         report = CompileReport(target=cls.target, notes=[f"onnxruntime options: {opts}"])
-        return cls(program, report, export_onnx(program), opts)
+        model = export_onnx(program)
+        if opts["transformer"] != "none":
+            model, fused = optimize_transformer(model, program)
+            report.notes.append(f"transformer optimizer fused: {fused}")
+        return cls(program, report, model, opts)
+
+    @classmethod
+    def unsupported_nodes(cls, program: Program, options: dict[str, Any]) -> dict[str, str]:
+        return unsupported(program)
 
     def run(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._input_names, args)}

@@ -30,12 +30,17 @@ untested here; compile with `verify=False` where no GPU is present).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,12 +67,29 @@ def import_tvm() -> Any:
     return tvm
 
 
-def supported_aten_ops() -> set[str]:
+@functools.cache
+def supported_aten_ops() -> frozenset[str]:
     """ATen overloads ('conv2d.default', ...) the Relax exported-program importer converts."""
     import_tvm()
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    return set(ExportedProgramImporter().create_convert_map())
+    return frozenset(ExportedProgramImporter().create_convert_map())
+
+
+def unsupported(program: Program) -> dict[str, str]:
+    """Nodes the importer has no converter for (custom torch.library ops, ATen ops it lacks)."""
+    known = supported_aten_ops()
+    out = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            continue  # operator.getitem and friends: the importer handles them
+        key = f"{target._opname}.{target._overloadname}"
+        if target.namespace != "aten" or key not in known:
+            out[node.name] = f"TVM's Relax importer has no converter for {target.namespace}.{key}"
+    return out
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -121,8 +143,7 @@ def to_relax(program: Program) -> Any:
     import_tvm()
     from tvm.relax.frontend.torch import from_exported_program
 
-    gm = program.graph_module
-    gm.eval()
+    gm = _views_as_reshapes(program.graph_module)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -134,6 +155,20 @@ def to_relax(program: Program) -> Any:
     except Exception as exc:  # the importer raises AssertionError/ValueError naming the op
         raise CompileError(f"TVM's Relax importer could not convert the program: {_first_line(exc)} "
                            "(compile with fallback to run unsupported ops in torch)") from exc
+
+
+def _views_as_reshapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy whose `aten.view`s are `aten.reshape`s: the importer's decompositions can change the
+    strides a view relied on (GPT-2's attention), while reshape is valid for any strides."""
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    out = torch.fx.GraphModule(gm, graph)
+    out.eval()
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
@@ -160,8 +195,10 @@ def _target_json(target: Any) -> str:
 
 def workload_key(tasks: list[Any], target: Any) -> str:
     """What tuning records depend on: every task's TIR (ops, shapes, dtypes) and the target."""
-    tvm = import_tvm()
-    hashes = sorted(str(tvm.ir.structural_hash(t.dispatched[0])) for t in tasks)
+    import_tvm()
+    from tvm_ffi import structural_hash
+
+    hashes = sorted(str(structural_hash(t.dispatched[0])) for t in tasks)
     text = "\n".join([_target_json(target), *hashes])
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
@@ -182,9 +219,39 @@ def _json_db(ms: Any, work: Path, stats: dict[str, Any] | None) -> Any:
     return ms.database.JSONDatabase(work_dir=str(work))
 
 
+def _register_tensor_intrinsics(kind: str) -> None:
+    """Register only the tensor intrinsics of this target kind before MetaSchedule imports them all.
+
+    `TuneContext` and the default builder import `tvm.s_tir.tensor_intrin`, which parses every
+    intrinsic of every backend in TVMScript: 25 s idle and over 3 minutes under load on this
+    machine, 70% of it CUDA's. A package module without its __init__ stands in for it, with the
+    intrinsics of `kind` (x86 for llvm, cuda for cuda) imported into it.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    wanted = f"{name}.{'cuda' if kind == 'cuda' else 'x86'}"
+    if name not in sys.modules:
+        import tvm.s_tir
+
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations is not None
+        package = types.ModuleType(name, "TVM tensor intrinsics (registered per target kind by morphc)")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__package__ = name
+        sys.modules[name] = package
+        tvm.s_tir.tensor_intrin = package
+    importlib.import_module(wanted)
+
+
 def _tune(ms: Any, tasks: list[Any], target: Any, work: Path, trials: int, per_task: int | None,
           database: Any) -> None:
+    import tvm_ffi
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    if tvm_ffi.__version__.startswith("0.1.15"):  # tvm::ffi::ToJSONGraph segfaults: MetaSchedule saves JSON
+        raise CompileError(f"MetaSchedule tuning crashes with apache-tvm-ffi {tvm_ffi.__version__} and apache-tvm "
+                           "0.27 (segfault in ToJSONGraph); install apache-tvm-ffi==0.1.14.post0, or compile "
+                           "with trials=0")
+    _register_tensor_intrinsics(target.kind.name)
 
     try:
         import xgboost  # noqa: F401
@@ -192,18 +259,57 @@ def _tune(ms: Any, tasks: list[Any], target: Any, work: Path, trials: int, per_t
     except ImportError:  # the xgboost cost model is an extra of apache-tvm; random search still tunes
         cost_model = "random"
     per_task = per_task or max(1, -(-trials // len(tasks)))
+    # evolutionary search pays off with a cost model and many trials; small budgets sample the space
+    strategy = "evolutionary" if cost_model == "xgb" and per_task >= 64 else "replay-trace"
     contexts = []
     loggers = get_loggers_from_work_dir(str(work), [t.task_name for t in tasks])
     for i, (task, logger) in enumerate(zip(tasks, loggers)):
         contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-                                       search_strategy="evolutionary", task_name=task.task_name, logger=logger,
+                                       search_strategy=strategy, task_name=task.task_name, logger=logger,
                                        rand_state=i + 1, num_threads=1).clone())
-    runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+    builder, runner = _in_process_builder_and_runner(ms.runner.EvaluatorConfig(
         number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
     ms.tune.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=str(work),
                        max_trials_global=trials, max_trials_per_task=per_task,
-                       num_trials_per_iter=min(16, per_task), builder=ms.builder.LocalBuilder(max_workers=1),
-                       runner=runner, database=database, cost_model=cost_model)
+                       num_trials_per_iter=min(16, per_task), builder=builder, runner=runner,
+                       database=database, cost_model=cost_model)
+
+
+def _in_process_builder_and_runner(config: Any) -> tuple[Any, Any]:
+    """Build and measure candidates in this process. MetaSchedule's LocalBuilder starts a fresh
+    worker per batch, and each worker spends 25-50 s on this machine importing
+    tvm.s_tir.tensor_intrin before building anything; here that import is already paid."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture, _worker_func
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            results = []
+            for inp in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(inp.mod, inp.target, None)), None))
+                except Exception as exc:  # a candidate that fails to build is a tuning result, not a crash
+                    results.append(BuilderResult(None, f"in-process build failed: {_first_line(exc)}"))
+            return results
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        def run(self, runner_inputs: list[Any]) -> list[Any]:
+            futures = []
+            for inp in runner_inputs:
+                try:
+                    costs = _worker_func(None, None, None, config, 1, str(inp.artifact_path), str(inp.device_type),
+                                         tuple(arg.as_json() for arg in inp.args_info))
+                    futures.append(LocalRunnerFuture(res=costs))
+                except Exception as exc:
+                    futures.append(LocalRunnerFuture(error_message=f"in-process run failed: {_first_line(exc)}"))
+            return futures
+
+    return InProcessBuilder(), InProcessRunner()
 
 
 def schedule(mod: Any, target: Any, opts: dict[str, Any], records: Any) -> tuple[Any, dict[str, Any]]:
@@ -243,13 +349,14 @@ def schedule(mod: Any, target: Any, opts: dict[str, Any], records: Any) -> tuple
             _tune(ms, tasks, target, work, opts["trials"] - have, opts["trials_per_task"], database)
             info["tuning_seconds"] = time.perf_counter() - start
             info["trials_run"] = opts["trials"] - have
+            (work / "pruned").mkdir()
             pruned = ms.database.JSONDatabase(work_dir=str(work / "pruned"))
             database.dump_pruned(pruned)  # keep the best record per workload
             db.put(TUNING_KIND, key, device, config, {
-                "trials": opts["trials"], "tasks": len(tasks),
+                "trials": opts["trials"], "tasks": len(tasks),  # the budget these records answer
                 "workloads": (work / "pruned" / "database_workload.json").read_text(),
                 "tuning_records": (work / "pruned" / "database_tuning_record.json").read_text(),
-                "tuning_seconds": info["tuning_seconds"] + float(stored.stats.get("tuning_seconds", 0) if stored else 0),
+                "tuning_seconds": info["tuning_seconds"] + (stored.stats.get("tuning_seconds", 0.0) if stored else 0.0),
             })
             database = _json_db(ms, work / "pruned", None)
         elif stored is None:
@@ -274,6 +381,7 @@ class TvmExecutable(Executable):
     """Runs the Program as a TVM Relax VM executable (llvm on CPU, or cuda)."""
 
     target = "tvm"
+    uses_records = True
 
     def __init__(self, program: Program, report: CompileReport, module: Any, options: dict[str, Any],
                  tuning: dict[str, Any] | None = None) -> None:
@@ -313,12 +421,21 @@ class TvmExecutable(Executable):
         report = CompileReport(target=cls.target, notes=notes)
         return cls(program, report, built, opts, tuning)
 
+    @classmethod
+    def unsupported_nodes(cls, program: Program, options: dict[str, Any]) -> dict[str, str]:
+        return unsupported(program)
+
     def cuda_source(self) -> str:
         """The generated CUDA C of a cuda build (empty for llvm)."""
         if not self.is_cuda:
             return ""
         lib = self.module.mod if hasattr(self.module, "mod") else self.module
-        sources = [m.inspect_source() for m in lib.imports if m.kind == "cuda"]
+        sources, stack = [], [lib]
+        while stack:
+            mod = stack.pop()
+            if mod.kind == "cuda":
+                sources.append(mod.inspect_source())
+            stack.extend(mod.imports)
         return "\n".join(sources)
 
     def run(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:

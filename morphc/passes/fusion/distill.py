@@ -386,7 +386,8 @@ def _evaluate(job: CandidateJob, start: float) -> CandidateResult:
             steps = step
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 checkpoint(step)
-                if step < cfg.steps and cfg.early_stop and len(curve) >= 3:
+                # judge a curve only from three points taken while training, and not before half the budget
+                if step < cfg.steps and cfg.early_stop and len(curve) >= 4 and 2 * step >= cfg.steps:
                     predicted, gain = extrapolate(curve[1:], cfg.steps)  # step 0 is before training
                     # two standard errors of a paired accuracy difference on the validation slice
                     margin = 2 * math.sqrt(max(curve[-1][1], job.max_acc_drop, 0.0) / max(1, val_rows))

@@ -62,6 +62,7 @@ class FuseModels(Pass):
     name: ClassVar[str] = "fuse-models"
     preserves_semantics: ClassVar[bool] = False
     opt_level: ClassVar[int] = 1
+    context_needs: ClassVar[tuple[str, ...]] = ("calibration",)
 
     max_acc_drop: float = option(0.01, "largest accepted accuracy drop of the worst task (0.01 = 1 point)")
     strategy: Literal["anneal", "greedy", "random"] = option("anneal", "search strategy")
@@ -93,15 +94,16 @@ class FuseModels(Pass):
                             workers=self.workers, min_gain=self.min_gain,
                             distill=DistillConfig(steps=self.steps, lr=self.lr, seed=self.seed))
 
-    def latency_fn(self, ctx: PassContext) -> LatencyFn:
+    def latency_fn(self, ctx: PassContext) -> tuple[LatencyFn, str]:
+        """The latency source and its name (part of the search-state key: stored latencies depend on it)."""
         fn = ctx.options.get("latency_fn")
         if fn is not None:
-            return fn  # type: ignore[no-any-return]
+            return fn, str(ctx.options.get("latency_name", "latency_fn"))
         if self.latency == "flops":
-            return flops_latency
+            return flops_latency, "flops"
         if self.latency == "auto" and ctx.cost_model is not None:
-            return cost_model_latency(ctx.cost_model, ctx.options.get("latency_config"))
-        return measured_latency()
+            return cost_model_latency(ctx.cost_model, ctx.options.get("latency_config")), "cost-model"
+        return measured_latency(), "measured"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         data = ctx.calibration
@@ -126,10 +128,11 @@ class FuseModels(Pass):
             factory = lambda name, max_workers=None: base(name, address=address)  # noqa: E731
         state = SearchState.from_context(self.state, ctx.records)
         try:
-            search = FusionSearch(program, data, self.search_config(), latency_fn=self.latency_fn(ctx), state=state,
+            latency_fn, latency_name = self.latency_fn(ctx)
+            search = FusionSearch(program, data, self.search_config(), latency_fn=latency_fn, state=state,
                                   executor_factory=factory, executor=executor, train_program=train,
                                   on_candidate=ctx.options.get("fusion_on_candidate"),
-                                  progress=bool(ctx.options.get("progress", True)))
+                                  progress=bool(ctx.options.get("progress", True)), latency_name=latency_name)
             outcome = search.run()
         finally:
             state.close()

@@ -201,7 +201,13 @@ class Strategy(Sampler):
         self.rng = rng
 
     def choice(self, candidates: Sequence[Any], mutator: Any, program: Program, index: int) -> Any:
-        return candidates[self.rng.randrange(len(candidates))]
+        """Merges between layers at a similar relative depth of their tasks are proposed more often
+        (as GMorph pairs layers by position); other decisions are uniform."""
+        if not (candidates and isinstance(candidates[0], tuple) and len(candidates[0]) == 2):
+            return candidates[self.rng.randrange(len(candidates))]
+        depth = relative_depths(program, {n for c in candidates for n in c})
+        weights = [math.exp(-abs(depth[t] - depth[s]) / 0.15) for t, s in candidates]
+        return self.rng.choices(list(candidates), weights=weights)[0]
 
     def moves(self) -> tuple[tuple[str, float], ...]:
         return (("add", 0.6), ("swap", 0.3), ("remove", 0.1))
@@ -216,13 +222,13 @@ class Anneal(Strategy):
 
 
 class Greedy(Strategy):
-    """Picks the merge that removes the most FLOPs (ties at random); accepts only gains."""
+    """Picks a merge that removes the most FLOPs (sources weighted by depth similarity); accepts only gains."""
 
     def choice(self, candidates: Sequence[Any], mutator: Any, program: Program, index: int) -> Any:
         reach = task_reach(program)
         saved = {c: _exclusive_upstream_flops(program, c[0], reach) for c in candidates}
         top = max(saved.values())
-        return self.rng.choice([c for c in candidates if saved[c] == top])
+        return super().choice([c for c in candidates if saved[c] == top], mutator, program, index)
 
     def moves(self) -> tuple[tuple[str, float], ...]:
         return (("add", 1.0),)
@@ -239,6 +245,23 @@ class RandomStrategy(Strategy):
 
     def accept(self, current: Evaluated, proposal: Evaluated, temperature: float) -> bool:
         return False
+
+
+def relative_depths(program: Program, names: set[str]) -> dict[str, float]:
+    """For each named node: the share of its tasks' FLOPs computed upstream of it (0 = input, 1 = output)."""
+    reach = task_reach(program)
+    upstream: dict[Any, int] = {}
+    for n in program.graph.nodes:
+        upstream[n] = node_meta(n).flops + sum(upstream[i] for i in set(n.all_input_nodes))
+    task_flops = {t: 1 for t in program.tasks}
+    for spec, leaf in zip(program.outputs, program.output_node.args[0]):
+        task_flops[spec.task] = max(task_flops[spec.task], upstream.get(leaf, 1))
+    out = {}
+    for name in names:
+        node = program.node(name)
+        total = max(task_flops[t] for t in reach[node]) if reach[node] else 1
+        out[name] = min(1.0, upstream[node] / total)
+    return out
 
 
 def _exclusive_upstream_flops(program: Program, target: str, reach: dict[Any, frozenset[str]]) -> int:
@@ -263,9 +286,10 @@ def make_strategy(name: str, seed: int) -> Strategy:
 # --- the search ----------------------------------------------------------------------------------
 
 
-def search_key(original: Program, data: FusionData, config: SearchConfig) -> str:
-    """What a finished candidate's result depends on: program, data, bound and training options."""
-    h = hashlib.blake2b(program_digest(original).encode(), digest_size=12)
+def search_key(original: Program, data: FusionData, config: SearchConfig, latency_name: str = "") -> str:
+    """What a finished candidate's result depends on: program, data, bound, training options (and where
+    latencies come from, since they are stored too)."""
+    h = hashlib.blake2b((program_digest(original) + latency_name).encode(), digest_size=12)
     for batch in data.batches("calibration") + data.batches("eval"):
         for t in batch:
             h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -284,7 +308,8 @@ class FusionSearch:
     def __init__(self, original: Program, data: FusionData, config: SearchConfig, *, latency_fn: LatencyFn,
                  state: SearchState, executor_factory: Callable[..., Any], executor: str = "local",
                  train_program: Program | None = None,
-                 on_candidate: Callable[[Evaluated], None] | None = None, progress: bool = True) -> None:
+                 on_candidate: Callable[[Evaluated], None] | None = None, progress: bool = True,
+                 latency_name: str = "") -> None:
         self.original = original
         self.train_program = train_program if train_program is not None else original
         self.data = data
@@ -295,7 +320,7 @@ class FusionSearch:
         self.executor_name = executor
         self.on_candidate = on_candidate
         self.progress = progress
-        self.key = search_key(self.train_program, data, config)
+        self.key = search_key(self.train_program, data, config, latency_name)
         self.strategy = make_strategy(config.strategy, config.seed)
         self.seen: dict[str, Evaluated] = {}
         self.failed: list[frozenset[tuple[str, str]]] = []
@@ -334,7 +359,11 @@ class FusionSearch:
             if not merge_idx:
                 return None
             del base[self.strategy.rng.choice(merge_idx)]
-            if move == "remove":
+            if move == "remove":  # later merges may build on the removed one: then the move does not apply
+                try:
+                    self._program(tuple(base))
+                except MutationError:
+                    return None
                 return tuple(base)
         return self._add(tuple(base), 1)
 

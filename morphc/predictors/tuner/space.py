@@ -1,7 +1,8 @@
 """The serving-configuration space the tuner searches, its features, and the objective.
 
-Built on the device profiles of `morphc.predictors.spaces` (batch and thread values come from the
-CPU profile, GPU knobs from the GPU profile) and extended with what the serving runtime can apply
+Built on the device profiles of `morphc.predictors.spaces` (the GPU knobs come from the GPU
+profile; the CPU batch and thread values of `cpu-v1` are pinned here so stored tables keep their
+meaning when the profiler's sweep changes) and extended with what the serving runtime can apply
 (`morphc.runtime.serving`): the target backend and its options.
 
 CPU space (measured here), per (batch in 1,2,4,8) x (intra-op threads in 1,2):
@@ -143,10 +144,18 @@ def config_features(c: TuningConfig) -> np.ndarray:
     ], dtype=np.float32)
 
 
+# Pinned, not read from spaces.CPU: a named space must not change under stored tables when the
+# profiler's sweep changes (cpu-v1 was collected with these values).
+CPU_V1_BATCHES = (1, 2, 4, 8)
+CPU_V1_THREADS = (1, 2)
+
+
 def cpu_space(batches: Sequence[int] | None = None, threads: Sequence[int] | None = None) -> TuningSpace:
-    """The CPU space (see the module docstring); batch and thread values default to the CPU profile's."""
-    batches = tuple(batches or spaces.CPU.knob("batch").values)
-    threads = tuple(threads or spaces.CPU.knob("threads").values)
+    """The CPU space (see the module docstring): cpu-v1, or a sub-space with other batch/thread values."""
+    batches = tuple(batches or CPU_V1_BATCHES)
+    threads = tuple(threads or CPU_V1_THREADS)
+    for t in threads:
+        spaces.CpuConfig(threads=t, batch=batches[0])  # the CPU profile validates the knob values
     configs: list[TuningConfig] = []
     for b, t in itertools.product(batches, threads):
         configs.append(TuningConfig(b, t, "eager"))
@@ -154,7 +163,8 @@ def cpu_space(batches: Sequence[int] | None = None, threads: Sequence[int] | Non
         for level, (mode, inter), spin in itertools.product(
                 ORT_LEVELS, (("sequential", None), ("parallel", 1), ("parallel", 2)), (True, False)):
             configs.append(TuningConfig(b, t, "onnxruntime", "", level, mode, inter, spin))
-    return TuningSpace("cpu-v1", tuple(configs))
+    name = "cpu-v1" if (batches, threads) == (CPU_V1_BATCHES, CPU_V1_THREADS) else "cpu-custom"
+    return TuningSpace(name, tuple(configs))
 
 
 def gpu_space() -> TuningSpace:
