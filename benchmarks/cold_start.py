@@ -19,12 +19,9 @@ and I/O each get one (more compute threads would compete with the reads).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,7 @@ from morphc.passes import PassContext
 from morphc.passes.load_schedule import plan_markdown
 from morphc.predictors.layer_profile import profile_layers
 from morphc.predictors.records import RecordsDB
+from morphc.predictors.timing_lock import DEFAULT_TIMING_LOCK, timing_lock
 from morphc.runtime.cold_start import ColdStartExecutor, Timeline, WeightsFile, write_weights
 
 STRATEGIES = ("on-demand", "pipeline", "direct", "plan")
@@ -48,19 +46,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {},
     "bert-base": {"seq_len": 32},
 }
-LOCK = "/tmp/morphc-timing.lock"
+LOCK = DEFAULT_TIMING_LOCK
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextlib.contextmanager
-def timing_lock() -> Iterator[None]:
-    """Hold the machine-wide timing lock (other engineers' benchmarks wait meanwhile)."""
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def plot_timelines(name: str, timelines: dict[str, Timeline], predicted: LoadPlan, path: Path) -> None:

@@ -13,7 +13,9 @@ held out of meta-training (whole models), the SLO of a model is a multiple of it
 latency, the objective is throughput per core with the SLO met. Reported: samples needed to reach
 within 5% of the table's optimum (median and worst over held-out models), best-found quality at
 budgets 5/10/20/30, for morphc (Morphling acquisition and ensemble EI) vs random, grid, Optuna TPE
-and GP-BO, over several seeds.
+and GP-BO, over several seeds. `--embedding gnn|both` conditions the meta-model on the shipped cost
+model's graph embedding (each model re-lowered at batch 1 from its stored source) instead of, or
+next to, the static one; baselines do not use the embedding, so such runs may pass `--tuners morphc-...`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
@@ -30,11 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from morphc.predictors.records import RecordsDB
+from morphc.predictors.timing_lock import DEFAULT_TIMING_LOCK, timing_lock
 from morphc.predictors.tuner.groundtruth import collect
 from morphc.predictors.tuner.space import cpu_space
 
 GROUND_TRUTH_DB = Path(__file__).resolve().parent / "data" / "tuner-groundtruth.sqlite"
-LOCK = "/tmp/morphc-timing.lock"
+LOCK = str(DEFAULT_TIMING_LOCK)
 
 # (name, source): zoo small/base-ish models, HF configs of varied size, a fused twin-task program
 CORPUS: list[tuple[str, str]] = [
@@ -85,6 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise SystemExit(f"only {len(tables)} complete tables in {args.db}; run `collect` first")
     by_name = {t.name: t for t in tables}
     folds = _folds(list(by_name), args.folds)
+    gnn = _gnn_embeddings(tables, progress_label=True) if args.embedding in ("gnn", "both") else {}
     tuners = args.tuners or list(ev.TUNERS)
     meta_cfg = MetaConfig(meta_steps=args.meta_steps, members=args.members, seed=args.meta_seed)
     runs: list[dict] = []
@@ -94,11 +100,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         bar = progress.add_task("evaluating", total=len(tables) * len(args.slo_factors) * len(tuners))
         for fold in folds:
             progress.update(bar, description=f"meta-training without {', '.join(fold)}")
+            fold_tables = _with_embedding(by_name, fold, args.embedding, gnn)
             start = time.perf_counter()
-            meta = ev.train_meta([t for n, t in by_name.items() if n not in fold], meta_cfg)
+            meta = ev.train_meta([t for n, t in fold_tables.items() if n not in fold], meta_cfg)
             train_s.append(time.perf_counter() - start)
             for name in fold:
-                table = by_name[name]
+                table = fold_tables[name]
                 meta_quality.append(_meta_quality(meta, table))
                 for factor in args.slo_factors:
                     slo = ev.slo_for(table, factor)
@@ -124,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     settings = {"objective": args.objective, "slo_factors": args.slo_factors, "folds": len(folds),
                 "max_budget": args.max_budget, "seeds": args.seeds, "slow_seeds (tpe, gp-bo)": args.slow_seeds,
                 "morphc_seeds": args.morphc_seeds, "meta_steps": args.meta_steps, "members": args.members,
-                "delta": args.delta, "embedding": "static (graph-level IR metadata)", "space_size": len(space)}
+                "delta": args.delta, "embedding": EMBEDDING_LABELS[args.embedding], "space_size": len(space)}
     path = common.write_results(args.out, title="Meta-learned config tuner vs baselines (CPU ground truth)",
                                 results={"summary": summary, "runs": runs, "meta_quality": meta_quality,
                                          "meta_train_s": train_s},
@@ -133,6 +140,55 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 BUDGETS = (5, 10, 20, 30)
+EMBEDDING_LABELS = {
+    "static": "static (graph-level IR metadata)",
+    "gnn": "gnn (cost model cpu-default embed() of the batch-1 Program, z-scored on each fold's training models)",
+    "both": "both (static + gnn, each z-scored on each fold's training models, weighted 1/sqrt(dim), concatenated)",
+}
+
+
+def _gnn_embeddings(tables: list, progress_label: bool = False) -> dict[str, np.ndarray]:
+    """The shipped cost model's graph embedding of every table's model, re-lowered from its stored source at
+    batch 1 (the Program the static embedding was computed on, see groundtruth.register_model)."""
+    from rich.progress import track
+
+    from morphc.predictors.cost_model import load_default
+    from morphc.predictors.records import program_fingerprint
+    from morphc.predictors.tuner.sources import ModelSource
+
+    cost_model = load_default()
+    out = {}
+    for table in track(tables, description="GNN embeddings (lowering at batch 1)", disable=not progress_label):
+        program = ModelSource(table.source).program(1)
+        if program_fingerprint(program) != table.fingerprint:
+            raise SystemExit(f"re-lowering '{table.source}' gives another Program than the one measured "
+                             f"(fingerprint {table.fingerprint}); the zoo model changed since `collect`")
+        out[table.name] = np.asarray(cost_model.embed(program), dtype=np.float32)
+    return out
+
+
+def _with_embedding(by_name: dict, fold: list[str], kind: str, gnn: dict[str, np.ndarray]) -> dict:
+    """The tables with the embedding `kind` for one fold: `static` as recorded; `gnn` and `both` normalized
+    with statistics of the fold's meta-training models only (held-out models are transformed, never fitted)."""
+    from dataclasses import replace
+
+    from morphc.predictors.tuner.embedding import combine, standardize
+
+    if kind == "static":
+        return dict(by_name)
+    names = list(by_name)
+    train = [n for n in names if n not in fold]
+    g_all = np.stack([gnn[n] for n in names])
+    g_train = np.stack([gnn[n] for n in train])
+    if kind == "gnn":
+        rows = standardize(g_train, g_all)
+    elif kind == "both":
+        s_all = np.stack([by_name[n].embedding for n in names])
+        s_train = np.stack([by_name[n].embedding for n in train])
+        rows = combine({"static": (s_train, s_all), "gnn": (g_train, g_all)})
+    else:
+        raise SystemExit(f"unknown embedding '{kind}'; valid: {', '.join(EMBEDDING_LABELS)}")
+    return {n: replace(by_name[n], embedding=row) for n, row in zip(names, rows)}
 
 
 def _meta_quality(meta, table) -> dict:
@@ -194,9 +250,11 @@ def _markdown(summary: dict, runs: list[dict], tables: list, meta_quality: list[
              "",
              f"Objective: {args.objective} with the latency SLO met; SLO = factor x the model's fastest batch-1 "
              f"latency. Whole models held out of meta-training ({args.folds}-fold over models). Meta-model: "
-             f"MAML ensemble of {args.members} MLPs, {args.meta_steps} meta-steps, embedding = static graph "
-             "features from IR metadata (FLOPs, bytes, params, node count, op mix; the GNN `embed()` is a "
-             "drop-in option not used here). morphc is deterministic given its meta-model (the seed only "
+             f"MAML ensemble of {args.members} MLPs, {args.meta_steps} meta-steps, "
+             + ("embedding = static graph features from IR metadata (FLOPs, bytes, params, node count, op mix; "
+                "the GNN `embed()` is a drop-in option not used here). " if args.embedding == "static"
+                else f"embedding = {EMBEDDING_LABELS[args.embedding]} (`--embedding {args.embedding}`). ")
+             + f"morphc is deterministic given its meta-model (the seed only "
              f"breaks ties): {args.morphc_seeds} seed(s); random/grid {args.seeds} seeds, TPE and GP-BO "
              f"{args.slow_seeds} seeds. Budget cap {args.max_budget} ({_fmt_samples(cap, cap)} = not reached).",
              "", "Models: " + ", ".join(f"{t.name} ({t.latency_ms.min():.2f}-{t.latency_ms.max():.1f} ms)"
@@ -261,7 +319,7 @@ def cmd_noise(args: argparse.Namespace) -> None:
     """Re-measure a random sample of configs of some models and compare with the stored table."""
     import numpy as np
 
-    from morphc.predictors.tuner.groundtruth import file_lock, load_tables, measure_config, prepare
+    from morphc.predictors.tuner.groundtruth import load_tables, measure_config, prepare
 
     load_start = common.load_average()
     space = cpu_space()
@@ -270,7 +328,7 @@ def cmd_noise(args: argparse.Namespace) -> None:
     rows, ratios = [], []
     for table in tables[: args.n_models]:
         idx = rng.choice(len(space), args.per_model, replace=False)
-        with file_lock(LOCK):
+        with timing_lock(LOCK):
             for i in idx:
                 c = space.configs[i]
                 program, onnx = prepare(table.source, c.batch, c.backend == "onnxruntime")
@@ -289,7 +347,13 @@ def cmd_noise(args: argparse.Namespace) -> None:
     print(body.splitlines()[0], f"-> {path}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (separate from main so a test can check what parses without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="measure the ground-truth tables (resumable)")
@@ -316,6 +380,8 @@ def main() -> None:
     e.add_argument("--members", type=int, default=4)
     e.add_argument("--meta-seed", type=int, default=0)
     e.add_argument("--delta", type=float, default=0.5)
+    e.add_argument("--embedding", choices=list(EMBEDDING_LABELS), default="static",
+                   help="model embedding of the meta-model: static IR metadata, the cost model's GNN embed(), or both")
     e.add_argument("--out", default="tuner")
     e.set_defaults(fn=cmd_evaluate)
     n = sub.add_parser("noise", help="re-measure a sample of configs and compare with the tables")
@@ -324,8 +390,7 @@ def main() -> None:
     n.add_argument("--n-models", type=int, default=3)
     n.add_argument("--per-model", type=int, default=15)
     n.set_defaults(fn=cmd_noise)
-    args = parser.parse_args()
-    args.fn(args)
+    return parser
 
 
 if __name__ == "__main__":

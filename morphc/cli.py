@@ -369,9 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        return args.func(args)
+        with torch.no_grad():  # inference tool; training steps (fusion) enable grad themselves
+            return args.func(args)
     except MorphcError as exc:
         console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True, soft_wrap=True)
         return 2

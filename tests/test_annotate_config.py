@@ -144,7 +144,7 @@ def test_pass_without_a_tuner_says_how_to_get_one(program) -> None:
 
 
 def test_pipeline_text_round_trips() -> None:
-    text = "annotate-config{slo-ms=20.0,objective=throughput,budget=5,strategy=ensemble-ei,rebatch=true}"
+    text = "annotate-config{slo-ms=20.0,objective=throughput,budget=5,strategy=morphling,rebatch=true}"
     assert str(Pipeline.parse(text)) == text
 
 

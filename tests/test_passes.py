@@ -482,3 +482,21 @@ def test_canonicalize_keeps_casts_and_reshapes_that_change_something() -> None:
     result = run(program, "canonicalize")
     assert count_ops(result, "_to_copy") == 1
     assert count_ops(result, "reshape") + count_ops(result, "view") == 1
+
+
+class _TwoAttentions(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        a = F.scaled_dot_product_attention(q, q, q)
+        b = F.scaled_dot_product_attention(q, q, q)
+        return a + b
+
+
+def test_attention_without_dropout_is_pure_so_cse_and_dce_see_it() -> None:
+    """scaled_dot_product_attention carries a 'nondeterministic_seeded' tag for its dropout; at
+    dropout_p=0 it is deterministic, and identical attentions merge (dead ones are removed)."""
+    q = torch.randn(1, 2, 4, 8)
+    program = morphc.lower(_TwoAttentions().eval(), (q,))
+    assert count_ops(program, "scaled_dot_product_attention") == 2
+    result = morphc.Pipeline.parse("cse,dce").run(program)
+    assert count_ops(result, "scaled_dot_product_attention") == 1
+    assert_outputs_close(result(q), program(q))

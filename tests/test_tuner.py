@@ -175,3 +175,35 @@ def test_embedding_is_static_by_default_and_the_gnn_embedding_drops_in() -> None
     np.testing.assert_allclose(embed(program, "gnn", FakeCostModel()), [0.5, 0.25])
     with pytest.raises(ValueError, match="needs a trained cost model with embed"):
         embed(program, "gnn", None)
+
+
+def test_evaluate_embedding_option_parses_and_held_out_models_never_shape_the_normalization(tables) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tuner as bench
+
+    parser = bench.build_parser()
+    assert parser.parse_args(["evaluate"]).embedding == "static"
+    assert parser.parse_args(["evaluate", "--embedding", "both", "--out", "x"]).embedding == "both"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--embedding", "graph"])
+
+    by_name = {t.name: t for t in tables}
+    names = list(by_name)
+    rng = np.random.default_rng(0)
+    gnn = {n: rng.normal(size=16).astype(np.float32) * 5 + 3 for n in names}
+    fold = names[:1]
+    assert bench._with_embedding(by_name, fold, "static", gnn) == by_name
+    out = bench._with_embedding(by_name, fold, "gnn", gnn)
+    train = np.stack([out[n].embedding for n in names[1:]])
+    np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-5)  # z-scored on the training models
+    moved = {**gnn, fold[0]: gnn[fold[0]] + 100.0}
+    again = bench._with_embedding(by_name, fold, "gnn", moved)
+    for n in names[1:]:  # the held-out model's embedding does not change anyone else's
+        np.testing.assert_array_equal(again[n].embedding, out[n].embedding)
+    assert np.abs(again[fold[0]].embedding).max() <= 3.0  # clipped
+    both = bench._with_embedding(by_name, fold, "both", gnn)
+    dim = tables[0].embedding.shape[-1]
+    assert both[names[1]].embedding.shape == (dim + 16,)

@@ -8,37 +8,24 @@ and two modules named `common` would shadow each other.)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from morphc.predictors.timing_lock import timing_lock as morphc_timing_lock
+
 CACHE_DIR = Path(__file__).resolve().parent / "cache"  # gitignored; the suites retrain what is missing
-TIMING_LOCK = "/tmp/morphc-timing.lock"
 
 
-@contextlib.contextmanager
-def timing_lock(enabled: bool = True, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Hold the machine-wide timing lock (other engineers' timings and training wait meanwhile)."""
-    if not enabled:
-        yield
-        return
-    with open(TIMING_LOCK, "a") as f:
-        start = time.perf_counter()
-        fcntl.flock(f, fcntl.LOCK_EX)
-        waited = time.perf_counter() - start
-        if waited > 1:
-            log(f"  (waited {waited:.0f} s for {TIMING_LOCK})")
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def timing_lock(enabled: bool = True, log: Callable[[str], None] = print) -> contextlib.AbstractContextManager:
+    """Hold the machine-wide timing lock (other timings and training wait meanwhile)."""
+    return morphc_timing_lock(enabled=enabled, log=log)
 
 
 def cache_key(config: Mapping[str, Any]) -> str:

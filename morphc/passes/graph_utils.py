@@ -24,9 +24,24 @@ def is_pure(node: fx.Node) -> bool:
     op = node.target
     if not isinstance(op, torch._ops.OpOverload):
         return False
-    if op._schema.is_mutable or any(tag in op.tags for tag in _IMPURE_TAGS):
+    if op._schema.is_mutable:
+        return False
+    if any(tag in op.tags for tag in _IMPURE_TAGS) and not _dropout_free(node, op):
         return False
     return op._schema.name.split("::")[-1] not in ("empty", "empty_like", "empty_strided", "_assert_tensor_metadata")
+
+
+def _dropout_free(node: fx.Node, op: torch._ops.OpOverload) -> bool:
+    """Ops whose only randomness is a `dropout_p` argument (scaled_dot_product_attention) are
+    deterministic when it is 0, as in every inference graph; without this, dead attention layers
+    could never be removed or merged."""
+    if torch.Tag.nondeterministic_bitwise in op.tags:
+        return False
+    for i, arg in enumerate(op._schema.arguments):
+        if arg.name == "dropout_p":
+            value = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", arg.default_value)
+            return value == 0
+    return False
 
 
 def remove_unused_params(program: Program) -> int:

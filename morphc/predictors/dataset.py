@@ -12,15 +12,10 @@ measuring, so other users of shared cores can interleave their own timings betwe
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,38 +26,11 @@ from morphc.predictors.features import OpGraph, extract
 from morphc.predictors.profiler import LATENCY, OP_LATENCY, LatencyStats, profile_interleaved, profile_ops
 from morphc.predictors.records import RecordsDB, RecordsError, device_fingerprint, program_fingerprint
 from morphc.predictors.spaces import CpuConfig
+from morphc.predictors.timing_lock import TimingLock
 
 CORPUS = "corpus"
 OPGRAPH = "opgraph"
 STATIC = "static"  # device field of device-independent records
-
-
-class _ChunkLock:
-    """An flock held across consecutive measurements for at most `chunk_s`, then released so others interleave."""
-
-    def __init__(self, path: str | None, chunk_s: float) -> None:
-        self.path, self.chunk_s = path, chunk_s
-        self.file: Any = None
-        self.since = 0.0
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        if self.path is not None and self.file is None:
-            self.file = open(self.path, "a")  # noqa: SIM115  (kept open across chunks)
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-            self.since = time.monotonic()
-        yield
-        if self.file is not None and time.monotonic() - self.since > self.chunk_s:
-            self.release()
-
-    def close(self) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self.file is not None:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
 
 
 _built: dict[str, object] = {}  # the last variant built: its models and batch-1 inputs
@@ -153,8 +121,8 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
     todo = [(v, b) for v in variants for b in batches if not _done(db, v.name, b, threads, device, ops)]
     measured = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    chunk = _ChunkLock(lock, lock_chunk_s)
-    with Progress(*columns, disable=not show_progress) as progress, contextlib.closing(chunk):
+    chunk = TimingLock(lock, max_hold_s=lock_chunk_s)
+    with Progress(*columns, disable=not show_progress) as progress, chunk:
         task = progress.add_task("profiling corpus", total=len(todo))
         for v, batch in todo:
             progress.update(task, description=f"{v.name} b={batch}"[:60])
@@ -168,7 +136,7 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
             graph = extract(program)
             db.put(OPGRAPH, fp, STATIC, {}, graph.to_json())
             configs = [CpuConfig(threads=t, batch=batch) for t in threads]
-            with chunk.hold():
+            with chunk.chunk():
                 stats, attempts = _stable_measurement(program, configs, target_s, retries)
                 per_op = {t: profile_ops(program, CpuConfig(threads=t), repeats=3) for t in threads} if ops else {}
             for config, s in zip(configs, stats):

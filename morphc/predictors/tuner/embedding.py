@@ -52,3 +52,24 @@ def embed(program: Program, kind: str = "static", cost_model: Any = None) -> np.
                              "use embedding 'static' without one")
         return np.asarray(cost_model.embed(program), dtype=np.float32)
     raise ValueError(f"unknown embedding '{kind}'; valid: static, gnn")
+
+
+def standardize(train: np.ndarray, rows: np.ndarray, clip: float = 3.0) -> np.ndarray:
+    """`rows` z-scored per dimension with the mean/std of `train` (the meta-training models only, so a held-out
+    model's embedding never shapes its own normalization), clipped to +-`clip`; constant dimensions become 0.
+    Why: GNN node-state pools have arbitrary per-dimension scales, and an unscaled dimension would dominate
+    the meta-model's first layer."""
+    train = np.asarray(train, dtype=np.float64)
+    mean, std = train.mean(0), train.std(0)
+    std = np.where(std > 1e-8, std, np.inf)
+    return np.clip((np.asarray(rows, dtype=np.float64) - mean) / std, -clip, clip).astype(np.float32)
+
+
+def combine(parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Concatenation of several embeddings, each standardized on its own training rows and weighted by
+    1/sqrt(dim) so every part carries the same expected squared norm (a 128-d GNN pool does not drown a 9-d
+    static vector); scaled back by sqrt(smallest dim). `parts`: name -> (train rows [n, d], rows [m, d])."""
+    dims = [rows.shape[-1] for _, rows in parts.values()]
+    smallest = min(dims)
+    return np.concatenate([standardize(train, rows) * math.sqrt(smallest / rows.shape[-1])
+                           for train, rows in parts.values()], axis=-1).astype(np.float32)

@@ -14,10 +14,8 @@ key); kind `tuning-model` (one per model) holds the source text, name and static
 
 from __future__ import annotations
 
-import fcntl
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from morphc.predictors.profiler import measure
 from morphc.predictors.records import RecordsDB, device_fingerprint, program_fingerprint
+from morphc.predictors.timing_lock import TimingLock
 from morphc.predictors.tuner.embedding import static_embedding
 from morphc.predictors.tuner.sources import ModelSource
 from morphc.predictors.tuner.space import TuningConfig, TuningError, TuningSpace
@@ -35,44 +34,11 @@ SERVING_LATENCY = "serving-latency"
 TUNING_MODEL = "tuning-model"
 
 
-@contextmanager
-def file_lock(path: str | None) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (None: no lock) for the block."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+_TIMING_LOCKS: dict[str, TimingLock] = {}  # per lock path, kept across this process's chunks
 
 
-class HeldLock:
-    """The timing lock held across consecutive chunks of this process, released at a chunk boundary once
-    held for `max_hold_s` (so a long collection interleaves with other timing work instead of queueing
-    behind it once per chunk)."""
-
-    def __init__(self) -> None:
-        self._file: Any = None
-        self._since = 0.0
-
-    def hold(self, path: str | None) -> None:
-        if path is None or self._file is not None:
-            return
-        self._file = open(path, "a")  # noqa: SIM115 - held across calls on purpose
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        self._since = time.monotonic()
-
-    def release(self, *, older_than_s: float = 0.0) -> None:
-        if self._file is not None and time.monotonic() - self._since >= older_than_s:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-
-TIMING_LOCK = HeldLock()
+def _timing_lock(path: str | None) -> TimingLock:
+    return _TIMING_LOCKS.setdefault(path, TimingLock(path)) if path else TimingLock(None)
 _ONNX: dict[tuple[str, int], bytes] = {}
 
 
@@ -118,7 +84,8 @@ def measure_chunk(job: ChunkJob) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     prepared = {b: prepare(job.source, b, any(c.backend == "onnxruntime" and c.batch == b for c in configs))
                 for b in sorted({c.batch for c in configs})}
     out = []
-    TIMING_LOCK.hold(job.lock)
+    lock = _timing_lock(job.lock)
+    lock.acquire()
     try:
         for items, config in zip(job.configs, configs):
             program, onnx_model = prepared[config.batch]
@@ -127,7 +94,7 @@ def measure_chunk(job: ChunkJob) -> list[tuple[dict[str, Any], dict[str, Any]]]:
             stats["trial_s"] = time.perf_counter() - start
             out.append((dict(items), stats))
     finally:
-        TIMING_LOCK.release(older_than_s=job.max_hold_s)
+        lock.release(older_than_s=job.max_hold_s)
     return out
 
 
@@ -176,7 +143,8 @@ def collect(db: RecordsDB, sources: Sequence[tuple[str, str]], space: TuningSpac
                 db.put(SERVING_LATENCY, fp, device, key, stats)
             measured += len(results)
             progress.update(task, advance=len(results), description=job.source)
-    TIMING_LOCK.release()
+    for lock in _TIMING_LOCKS.values():
+        lock.release()
     return measured
 
 
