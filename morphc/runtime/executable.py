@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -142,6 +143,15 @@ def target_class(name: str) -> type[Executable]:
         raise CompileError(f"unknown compile target '{name}'{did_you_mean(name, _TARGETS)}; "
                            f"available targets: {', '.join(sorted(_TARGETS))}")
     return _TARGETS[name]
+
+
+def check_target_option(target: str, name: str, value: Any, *, choices: Sequence[str] | None = None,
+                        minimum: int | None = None) -> None:
+    """Refuse a bad target option with the one message every target uses (option, target, what is valid)."""
+    if choices is not None and value not in choices:
+        raise CompileError(f"option '{name}' of target '{target}' must be one of {', '.join(choices)}; got {value!r}")
+    if minimum is not None and value is not None and value < minimum:
+        raise CompileError(f"option '{name}' of target '{target}' must be >= {minimum}, got {value}")
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:

@@ -36,6 +36,7 @@ from morphc.runtime.executable import (
     CompileReport,
     Executable,
     UnsupportedOpsError,
+    check_target_option,
     register_target,
 )
 
@@ -140,14 +141,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
             "optimization": str(options.get("optimization", "all")),
             "providers": list(options.get("providers", _default_providers())),
             "transformer": str(options.get("transformer", "none"))}
-    if opts["transformer"] not in _TRANSFORMER:
-        raise CompileError(f"option 'transformer' of target 'onnxruntime' must be one of {', '.join(_TRANSFORMER)}; "
-                           f"got {opts['transformer']!r}")
-    if opts["optimization"] not in _LEVELS:
-        raise CompileError(f"option 'optimization' of target 'onnxruntime' must be one of {', '.join(_LEVELS)}; "
-                           f"got {opts['optimization']!r}")
-    if opts["threads"] < 1:
-        raise CompileError(f"option 'threads' of target 'onnxruntime' must be >= 1, got {opts['threads']}")
+    check_target_option("onnxruntime", "transformer", opts["transformer"], choices=_TRANSFORMER)
+    check_target_option("onnxruntime", "optimization", opts["optimization"], choices=_LEVELS)
+    check_target_option("onnxruntime", "threads", opts["threads"], minimum=1)
     return opts
 
 

@@ -33,7 +33,14 @@ import torch
 
 from morphc.errors import did_you_mean
 from morphc.ir.program import Program
-from morphc.runtime.executable import CompileError, CompileReport, Executable, max_abs_difference, register_target
+from morphc.runtime.executable import (
+    CompileError,
+    CompileReport,
+    Executable,
+    check_target_option,
+    max_abs_difference,
+    register_target,
+)
 from morphc.runtime.onnx_runtime import export_onnx, unsupported
 
 PLAN_FILE = "model.plan"
@@ -58,11 +65,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             "workspace_mb": int(options.get("workspace_mb", 1024)),
             "check_onnx": bool(options.get("check_onnx", True)),
             "atol": float(options.get("atol", 1e-4)), "rtol": float(options.get("rtol", 1e-4))}
-    if opts["precision"] not in _PRECISIONS:
-        raise CompileError(f"option 'precision' of target 'tensorrt' must be one of {', '.join(_PRECISIONS)}; "
-                           f"got {opts['precision']!r}")
-    if opts["workspace_mb"] < 1:
-        raise CompileError(f"option 'workspace_mb' of target 'tensorrt' must be >= 1, got {opts['workspace_mb']}")
+    check_target_option("tensorrt", "precision", opts["precision"], choices=_PRECISIONS)
+    check_target_option("tensorrt", "workspace_mb", opts["workspace_mb"], minimum=1)
     return opts
 
 

@@ -50,7 +50,7 @@ import torch
 
 from morphc.errors import did_you_mean
 from morphc.ir.program import Program
-from morphc.runtime.executable import CompileError, CompileReport, Executable, register_target
+from morphc.runtime.executable import CompileError, CompileReport, Executable, check_target_option, register_target
 
 LIB_FILE = "model.so"
 CUDA_SOURCE_FILE = "model.cu"
@@ -113,10 +113,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         "trials_per_task": None if options.get("trials_per_task") is None else int(options["trials_per_task"]),
         "arch": str(options.get("arch", "sm_90")),
     }
-    for key in ("threads", "trials", "trials_per_task"):
-        value = opts[key]
-        if value is not None and value < (1 if key != "trials" else 0):
-            raise CompileError(f"option '{key}' of target 'tvm' must be >= {1 if key != 'trials' else 0}, got {value}")
+    for key, minimum in (("threads", 1), ("trials", 0), ("trials_per_task", 1)):
+        check_target_option("tvm", key, opts[key], minimum=minimum)
     return opts
 
 
