@@ -3,8 +3,8 @@
 Families (a family is what "held out of training" means in benchmarks/cost_model.py):
 hand-written MLPs and plain VGG-style CNNs varied in depth / width / kernel / resolution, the zoo's
 residual and inception CNNs at several widths and resolutions, Hugging Face ResNet, ConvNeXt,
-MobileNetV2, ViT, BERT, DistilBERT and GPT-2 configs varied in depth / width / resolution /
-sequence length, and fused multi-task graphs (several models lowered together into one Program).
+MobileNetV2, EfficientNet, RegNet, ViT, BERT, DistilBERT, GPT-2, OPT and Llama configs varied in
+depth / width / resolution / sequence length, and fused multi-task graphs (several models lowered together into one Program).
 Every variant is deterministic (fixed seeds) and small enough that one measurement takes well under
 a second on one core. `Variant.build(batch)` returns (models, example_inputs) for `morphc.lower`.
 """
@@ -137,6 +137,21 @@ def _variants() -> list[Variant]:
     for s in _sample(text_grid, 8, 11):
         add("gpt2", s, lambda b, s=s: _zoo("gpt2-small", b, seq_len=s["seq"], n_embd=s["hidden"],
                                            n_layer=s["layers"]))
+    for s in _sample({"width": (0.25, 0.5, 1.0), "depth": (0.25, 0.5), "image_size": (32, 64)}, 6, 15):
+        add("hf-efficientnet", s, lambda b, s=s: _efficientnet(b, s["width"], s["depth"], s["image_size"]))
+    for s in _sample({"scale": (8, 16, 32), "groups_width": (8, 16), "depth": (1, 2), "image_size": (32, 64)}, 6, 16):
+        add("hf-regnet", s, lambda b, s=s: _hf_vision(
+            b, "RegNetConfig", "RegNetForImageClassification", s["image_size"], embedding_size=s["scale"],
+            hidden_sizes=[s["scale"] * m for m in (2, 4, 8, 16)], depths=[s["depth"]] * 4,
+            groups_width=s["groups_width"], num_labels=10))
+    for s in _sample(text_grid, 8, 17):
+        add("opt", s, lambda b, s=s: _hf_decoder(
+            b, "OPTConfig", "OPTForCausalLM", s["seq"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+            ffn_dim=4 * s["hidden"], num_attention_heads=4, word_embed_proj_dim=s["hidden"]))
+    for s in _sample(text_grid, 8, 18):
+        add("llama", s, lambda b, s=s: _hf_decoder(
+            b, "LlamaConfig", "LlamaForCausalLM", s["seq"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+            intermediate_size=3 * s["hidden"], num_attention_heads=4, num_key_value_heads=2))
     for s in _sample({"image_size": (32, 48, 64)}, 3, 12):
         add("multitask", {"kind": "twin", **s}, lambda b, s=s: _twin(b, s["image_size"]))
     for s in _sample({"width": (8, 16, 32), "image": (32, 48)}, 3, 13):
@@ -144,6 +159,40 @@ def _variants() -> list[Variant]:
     for s in _sample({"hidden": (32, 64), "seq": (16, 32)}, 2, 14):
         add("multitask", {"kind": "bert+distilbert", **s}, lambda b, s=s: _two_text(b, s["hidden"], s["seq"]))
     return out
+
+
+def _hf_vision(batch: int, config: str, model: str, image: int, **kwargs: Any) -> Built:
+    """A transformers image classifier built from a config (random weights, no download)."""
+    import transformers
+
+    from morphc.zoo.hf import VisionWrapper
+
+    hf = getattr(transformers, model)(getattr(transformers, config)(**kwargs))
+    return VisionWrapper(hf).eval(), _image(batch, image)
+
+
+def _efficientnet(batch: int, width: float, depth: float, image: int) -> Built:
+    import transformers
+    from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+    from morphc.zoo.hf import VisionWrapper
+
+    cfg = transformers.EfficientNetConfig(width_coefficient=width, depth_coefficient=depth, image_size=image,
+                                          num_labels=10)
+    cfg.hidden_dim = round_filters(cfg, 1280)  # the config's default assumes width 2.0 (B7-sized head)
+    return VisionWrapper(transformers.EfficientNetForImageClassification(cfg)).eval(), _image(batch, image)
+
+
+def _hf_decoder(batch: int, config: str, model: str, seq: int, **kwargs: Any) -> Built:
+    """A transformers causal LM built from a config (vocabulary 1000, no KV cache), with token inputs."""
+    import transformers
+
+    from morphc.zoo.hf import TextWrapper, text_inputs
+
+    cfg = getattr(transformers, config)(vocab_size=1000, max_position_embeddings=128, use_cache=False,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs)
+    return TextWrapper(getattr(transformers, model)(cfg), "logits", use_cache=False).eval(), text_inputs(
+        batch, seq, cfg.vocab_size, 0, pad_id=0)
 
 
 def _twin(batch: int, image: int) -> Built:

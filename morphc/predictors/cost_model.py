@@ -47,17 +47,19 @@ from morphc.predictors.features import (
     FEATURE_SCHEMA,
     GRAPH_DIM,
     NODE_DIM,
+    VOCAB_COLUMNS,
     OpGraph,
     extract,
     graph_features,
     node_features,
+    node_work,
     static_node_block,
 )
 from morphc.predictors.records import device_fingerprint
 from morphc.predictors.spaces import CpuConfig, GpuConfig
 
 CHECKPOINT_FORMAT = "morphc-cost-model"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 DEFAULT_CHECKPOINT = "cpu-default.npz"
 
 
@@ -71,6 +73,8 @@ class CostModelWarning(UserWarning):
 
 # --- the network ------------------------------------------------------------------------------
 
+NODE_HEAD_INIT = (3.0, 4.6, -4.6)  # ~20 ms/GFLOP, ~100 ms/GB, ~10 us per operator
+
 
 class LatencyGNN(nnx.Module):
     """Message passing over dataflow edges + per-node log-time head + graph-level MLP correction."""
@@ -81,7 +85,10 @@ class LatencyGNN(nnx.Module):
         self.msg_bwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
         self.update = nnx.List([nnx.Linear(3 * hidden, hidden, rngs=rngs) for _ in range(layers)])
         self.norms = nnx.List([nnx.LayerNorm(hidden, rngs=rngs) for _ in range(layers)])
-        self.node_head = nnx.Linear(hidden, 1, rngs=rngs, bias_init=nnx.initializers.constant(-4.0))
+        # per node: log ms per GFLOP, log ms per GB moved, log ms of fixed overhead (a roofline with
+        # learned, context-dependent coefficients); initialised near a single CPU core's values
+        self.node_head = nnx.Linear(hidden, 3, rngs=rngs, kernel_init=nnx.initializers.normal(0.01),
+                                    bias_init=lambda *_: jnp.asarray(NODE_HEAD_INIT))
         self.graph_hidden = nnx.Linear(2 * hidden + graph_dim, hidden, rngs=rngs)
         self.graph_out = nnx.Linear(hidden, 1, rngs=rngs, kernel_init=nnx.initializers.zeros)
 
@@ -100,7 +107,9 @@ class LatencyGNN(nnx.Module):
             m_out = jax.ops.segment_sum(bwd(h)[receivers], senders, n) / deg_out
             h = norm(h + nnx.gelu(upd(jnp.concatenate([h, m_in, m_out], axis=-1))))
         h = h * mask[:, None]
-        z = jnp.where(mask > 0, self.node_head(h)[:, 0], -jnp.inf)
+        coef = self.node_head(h)
+        scales = jnp.log(jnp.concatenate([batch["work"], jnp.ones_like(batch["work"][:, :1])], axis=-1) + 1e-12)
+        z = jnp.where(mask > 0, jax.nn.logsumexp(coef + scales, axis=-1), -jnp.inf)
         zmax = jax.ops.segment_max(z, gid, segments)
         zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
         total = jax.ops.segment_sum(jnp.exp(z - zmax[gid]), gid, segments)
@@ -126,13 +135,15 @@ class Query:
     """One graph under one config, as arrays: node features, edges, graph features."""
 
     x: np.ndarray
+    work: np.ndarray  # [N, 2] GFLOPs and GB per node (features.node_work)
     edges: np.ndarray
     gfeat: np.ndarray
 
 
 def make_query(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.ndarray | None = None,
                static_block: np.ndarray | None = None) -> Query:
-    return Query(node_features(graph, config, runtime, static_block), graph.edges, graph_features(graph, config))
+    return Query(node_features(graph, config, runtime, static_block), node_work(graph, config), graph.edges,
+                 graph_features(graph, config))
 
 
 def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[str, np.ndarray], int]:
@@ -142,6 +153,7 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
     e_real = sum(len(q.edges) for q in queries)
     n_pad, e_pad = _bucket(n_real + 1, 64), _bucket(e_real + 1, 64)
     x = np.zeros((n_pad, NODE_DIM), np.float32)
+    work = np.zeros((n_pad, 2), np.float32)
     mask = np.zeros(n_pad, np.float32)
     gid = np.full(n_pad, g, np.int32)
     senders = np.full(e_pad, n_pad - 1, np.int32)
@@ -151,6 +163,7 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
     for i, q in enumerate(queries):
         k, e = q.x.shape[0], len(q.edges)
         x[n0:n0 + k] = q.x
+        work[n0:n0 + k] = q.work
         mask[n0:n0 + k] = 1.0
         gid[n0:n0 + k] = i
         if e:
@@ -158,7 +171,7 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
             receivers[e0:e0 + e] = q.edges[:, 1] + n0
         gfeat[i] = q.gfeat
         n0, e0 = n0 + k, e0 + e
-    return {"x": x, "mask": mask, "graph": gid, "senders": senders, "receivers": receivers, "gfeat": gfeat}, g
+    return {"x": x, "work": work, "mask": mask, "graph": gid, "senders": senders, "receivers": receivers, "gfeat": gfeat}, g
 
 
 def _compile_forward(model: LatencyGNN) -> Callable[[dict[str, np.ndarray], int], tuple[jax.Array, jax.Array]]:
@@ -331,6 +344,21 @@ def load_default() -> CostModel:
 # --- training -----------------------------------------------------------------------------------
 
 
+def _hide_op_names(query: Query, rng: np.random.Generator, rate: float) -> Query:
+    """`query` with the operator-name one-hot of a random `rate` of its nodes replaced by "other".
+
+    Training sees operators as if their names were unknown, so the network learns what their class,
+    shapes and neighbourhood say: what it has to go on for the operators of a family it never saw.
+    """
+    hide = rng.random(query.x.shape[0]) < rate
+    if not hide.any():
+        return query
+    x = query.x.copy()
+    x[hide, VOCAB_COLUMNS] = 0.0
+    x[hide, VOCAB_COLUMNS.stop - 1] = 1.0
+    return Query(x, query.work, query.edges, query.gfeat)
+
+
 @dataclass(frozen=True)
 class TrainItem:
     """A training example: graph, config, measured latency, optional per-op runtime features."""
@@ -344,7 +372,7 @@ class TrainItem:
 
 def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int = 64, layers: int = 3,
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
-          runtime_dropout: float = 0.5, seed: int = 0, show_progress: bool = True,
+          runtime_dropout: float = 0.5, op_dropout: float = 0.25, seed: int = 0, show_progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> tuple[CostModel, list[float]]:
     """Train a LatencyGNN on `items`; returns the model and the loss per step (MSE of log latency)."""
     if not items:
@@ -391,6 +419,8 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
         for i in range(steps):
             idx = rng.choice(len(items), size=bs, replace=len(items) < bs)
             queries = [with_rt[j] if rng.random() >= runtime_dropout else without_rt[j] for j in idx]
+            if op_dropout > 0:
+                queries = [_hide_op_names(q, rng, op_dropout) for q in queries]
             batch, g = pack(queries, bs)
             y = np.zeros(g, np.float32)
             y[:bs] = targets[idx]

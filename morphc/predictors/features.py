@@ -36,7 +36,7 @@ from morphc.ir.program import Program
 from morphc.predictors.spaces import CpuConfig, GpuConfig
 
 OPGRAPH_VERSION = 1
-FEATURE_SCHEMA = "morphc-cost-features-v1"
+FEATURE_SCHEMA = "morphc-cost-features-v2"
 
 OP_CLASSES: tuple[str, ...] = tuple(c.value for c in OpClass)
 # Operators frequent enough in inference graphs to get their own one-hot column; the rest share "other".
@@ -54,6 +54,7 @@ N_NUMERIC = 9  # flops, act bytes, param bytes, out numel, out rank, attr0..2, i
 N_RUNTIME = 3  # log op ms at 1 thread, at 2 threads, present flag
 N_CONFIG = 4  # log2 batch, batch scale ratio, 1/threads, log2 threads
 NODE_DIM = len(OP_CLASSES) + N_VOCAB + N_NUMERIC + N_RUNTIME + N_CONFIG
+VOCAB_COLUMNS = slice(len(OP_CLASSES), len(OP_CLASSES) + N_VOCAB)  # the operator-name one-hot
 GRAPH_DIM = 12
 
 
@@ -198,6 +199,17 @@ def node_features(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.nda
                   (graph.num_nodes, 1))
     block = static_block if static_block is not None else static_node_block(graph)
     return np.concatenate([block, numeric, rt, cfg], axis=1).astype(np.float32)
+
+
+def node_work(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
+    """[N, 2] float32: each node's GFLOPs and GB moved (activations + parameters) under `config`'s batch.
+
+    The raw scales the network's per-node roofline multiplies (cost_model.LatencyGNN): they span
+    orders of magnitude, which a network extrapolates badly from log-features alone.
+    """
+    _, ratio, _ = _config_values(graph, config)
+    num = graph.numeric
+    return np.stack([num[:, 0] * ratio / 1e9, (num[:, 1] * ratio + num[:, 2]) / 1e9], axis=1).astype(np.float32)
 
 
 def graph_features(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
