@@ -142,11 +142,21 @@ def test_parallel_transmission_spreads_loads_over_channels() -> None:
 
 
 def test_simulation_counts_direct_reads_against_the_loads() -> None:
-    """Direct reads share the medium: they delay the loads queued behind them on channel 0."""
-    layers = (LayerCost("a", 1_000_000, 1_000_000, 1.0, 0.1, 2.0), LayerCost("b", 1_000_000, 1_000_000, 1.0, 0.1, 2.0))
+    """One disk serves one read at a time: a direct-access layer's reads queue behind the load in
+    flight, and the loads queued behind them wait for them in turn."""
+    layers = tuple(LayerCost(n, 1_000_000, 1_000_000, 1.0, 0.1, 2.0) for n in "abc")
     costs = LayerCosts(layers, 0.0, "measured", "disk", 1.0)  # 1 MB at 1 GB/s = 1 ms
-    timeline, _ = simulate(costs, ["direct", "load"], [-1, -1], [0, 0], 1)
-    assert timeline[1][1] == pytest.approx(2.0)  # the load of b (1 ms) waits for a's 1 ms of direct reads
+    timeline, _ = simulate(costs, ["direct", "load", "load"], [-1, -1, -1], [0, 0, 0], 1)
+    assert timeline[0][2] == pytest.approx(1.0)  # a's reads wait for b's load, in flight from the start
+    assert timeline[2][:2] == pytest.approx((2.0, 3.0))  # c's load waits for a's 1 ms of direct reads
+
+
+def test_compute_overlapping_loads_is_slowed_as_measured() -> None:
+    layers = (LayerCost("a", 1_000_000, 1_000_000, 1.0, 2.0, 3.0), LayerCost("b", 1_000_000, 1_000_000, 1.0, 2.0, 3.0))
+    costs = LayerCosts(layers, 0.0, "measured", "disk", 1.0, overlap_slowdown=1.5)
+    timeline, total = simulate(costs, ["load", "load"], [-1, -1], [0, 0], 1)
+    assert timeline[0][2:] == pytest.approx((1.0, 4.0))  # b still loading while a computes: 2 ms x 1.5
+    assert total == pytest.approx(6.0)  # b computes alone at full speed
 
 
 # --- the plan in the IR -----------------------------------------------------------------------------
@@ -363,3 +373,24 @@ def test_plan_problems_name_what_is_wrong() -> None:
     assert any("channel 3" in p for p in problems)
     timeline = ((0.0, 5.0, 1.0, 2.0),)
     assert any("before its load ends" in p for p in plan_problems("plan", 1, (("a", "load", -1, 0, 1),), timeline))
+
+
+def test_grouping_saves_read_overheads_and_stays_valid() -> None:
+    """Tiny layers read one by one pay the per-read overhead each; grouped they pay it once per read."""
+    layers = tuple(LayerCost(f"l{i}", 4096, 4096, 0.5 + 0.004, 0.1, 0.2) for i in range(20))
+    costs = LayerCosts(layers, 0.0, "measured", "disk", 1.0, read_overhead_ms=0.5)
+    alone = make_schedule(costs, "pipeline", group=False)
+    grouped = make_schedule(costs, "pipeline")
+    assert len(set(grouped.groups)) < len(layers)
+    assert grouped.total_ms < alone.total_ms
+    entries = [(c.name, m, a, ch, c.nbytes, g) for c, m, a, ch, g in
+               zip(costs.layers, grouped.modes, grouped.issue_after, grouped.channel, grouped.groups)]
+    assert plan_problems(grouped.strategy, grouped.channels, entries, grouped.timeline) == []
+    on_demand = make_schedule(costs, "on-demand")
+    assert set(on_demand.groups) == {0}  # everything in one read
+
+
+def test_plan_problems_name_a_broken_group() -> None:
+    entries = (("a", "load", -1, 0, 1, 0), ("b", "direct", -1, 0, 1, -1), ("c", "load", -1, 0, 1, 0))
+    assert any("'c'" in p and "one contiguous read" in p for p in plan_problems("plan", 1, entries))
+    assert any("group 5" in p for p in plan_problems("plan", 1, (("a", "load", -1, 0, 1, 5),)))

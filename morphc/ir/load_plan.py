@@ -270,6 +270,9 @@ class LayerCosts:
     bandwidth_gbs: float  # read/copy bandwidth one channel achieves (GB/s)
     link_gbs: float = 0.0  # device-to-device link for parallel transmission (GB/s), 0 when none
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    read_overhead_ms: float = 0.0  # fixed cost of one read/copy (syscall, latency, hand-off), in every load_ms
+    overlap_slowdown: float = 1.0  # compute runs this much slower while loads are still streaming in
+    readahead_bytes: int = 0  # how far the kernel reads ahead of a sequential reader (queued before a fault)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -292,7 +295,10 @@ class LayerCosts:
 
 # --- the plan annotation -------------------------------------------------------------------------
 
-# one entry of LoadPlan.layers: (name, mode, issue_after, channel, nbytes)
+# one entry of LoadPlan.layers: (name, mode, issue_after, channel, nbytes, group); `group` is the index of
+# the first layer of the load group the layer is read with (one read for consecutive loaded layers; the
+# layer's own index when it is read alone, -1 for direct access). Five-field entries (no group) mean
+# every loaded layer is read alone.
 # one entry of LoadPlan.predicted: (load_start, load_end, compute_start, compute_end) in ms, -1 when none
 
 
@@ -305,13 +311,17 @@ class LoadPlan(Annotation):
     tier: str
     channels: int
     profile: str  # where the costs came from: "measured" | "analytic" | ...
-    layers: tuple  # ((name, mode, issue_after, channel, nbytes), ...) in first-use order
+    layers: tuple  # ((name, mode, issue_after, channel, nbytes, group), ...) in first-use order
     predicted: tuple  # ((load_start, load_end, compute_start, compute_end), ...) ms
     predicted_total_ms: float
     prologue_ms: float = 0.0
 
     def modes(self) -> tuple[str, ...]:
         return tuple(e[1] for e in self.layers)
+
+    def groups(self) -> tuple[int, ...]:
+        """Per layer, the first layer of its load group (-1 for direct access)."""
+        return entry_groups(self.layers)
 
     def validate(self, program: Program, node: fx.Node | None) -> list[str]:
         problems = plan_problems(self.strategy, self.channels, self.layers, self.predicted)
@@ -327,6 +337,12 @@ class LoadPlan(Annotation):
         return problems
 
 
+def entry_groups(layers: Sequence[Sequence[Any]]) -> tuple[int, ...]:
+    """Per plan entry, the first layer of its load group (its own index when the entry has no group
+    field, -1 for direct access)."""
+    return tuple(-1 if e[1] != "load" else (e[5] if len(e) > 5 else i) for i, e in enumerate(layers))
+
+
 def plan_problems(strategy: str, channels: int, layers: Sequence[Sequence[Any]],
                   predicted: Sequence[Sequence[float]] = ()) -> list[str]:
     """Why a plan is not executable (empty when it is): every load issued before its layer is used,
@@ -337,10 +353,13 @@ def plan_problems(strategy: str, channels: int, layers: Sequence[Sequence[Any]],
     if channels < 1:
         problems.append(f"channels must be >= 1, got {channels}")
     for i, entry in enumerate(layers):
-        if len(entry) != 5:
-            problems.append(f"layer entry {i} must be (name, mode, issue_after, channel, nbytes), got {entry!r}")
+        if len(entry) not in (5, 6):
+            problems.append(f"layer entry {i} must be (name, mode, issue_after, channel, nbytes[, group]), "
+                            f"got {entry!r}")
             continue
-        name, mode, issue_after, channel, _ = entry
+        name, mode, issue_after, channel, _ = entry[:5]
+        if mode == "load" and len(entry) == 6:
+            problems += _group_problems(layers, i)
         if mode not in MODES:
             problems.append(f"layer {i} ('{name}') has mode {mode!r}; valid modes: {', '.join(MODES)}")
         elif mode == "load" and not (isinstance(issue_after, int) and -1 <= issue_after < i):
@@ -360,12 +379,27 @@ def plan_problems(strategy: str, channels: int, layers: Sequence[Sequence[Any]],
     return problems
 
 
+def _group_problems(layers: Sequence[Sequence[Any]], i: int) -> list[str]:
+    """A loaded layer's group must start at a loaded layer at or before it, every layer in between
+    belonging to the same group, read on the same channel and issued at the same point."""
+    name, group = layers[i][0], layers[i][5]
+    if not (isinstance(group, int) and 0 <= group <= i):
+        return [f"layer {i} ('{name}') is read with group {group!r}; a group starts at a loaded layer "
+                f"at or before it (0 <= group <= {i})"]
+    span = layers[group:i + 1]
+    if any(len(e) != 6 or e[1] != "load" or e[5] != group or e[2:4] != layers[i][2:4] for e in span):
+        return [f"layer {i} ('{name}') is read with group {group}, but layers {group}..{i} are not all loaded "
+                "in that group on the same channel and issue point: a group is one contiguous read"]
+    return []
+
+
 def plan_to_json(plan: LoadPlan) -> str:
     """The plan as readable JSON (one object per layer)."""
     rows = []
-    for (name, mode, issue_after, channel, nbytes), (ls, le, cs, ce) in zip(plan.layers, plan.predicted):
+    for entry, group, (ls, le, cs, ce) in zip(plan.layers, plan.groups(), plan.predicted):
+        name, mode, issue_after, channel, nbytes = entry[:5]
         rows.append({"layer": name, "mode": mode, "issue_after": issue_after, "channel": channel, "bytes": nbytes,
-                     "load_start_ms": ls, "load_end_ms": le, "compute_start_ms": cs, "compute_end_ms": ce})
+                     "group": group, "load_start_ms": ls, "load_end_ms": le, "compute_start_ms": cs, "compute_end_ms": ce})
     doc = {"format": "morphc.load-plan", "version": 1, "strategy": plan.strategy, "tier": plan.tier,
            "channels": plan.channels, "profile": plan.profile, "prologue_ms": plan.prologue_ms,
            "predicted_total_ms": plan.predicted_total_ms, "layers": rows}
@@ -378,7 +412,8 @@ def plan_from_json(text: str) -> LoadPlan:
     if doc.get("format") != "morphc.load-plan":
         raise ValueError(f"not a morphc load plan (format={doc.get('format')!r})")
     try:
-        layers = tuple((r["layer"], r["mode"], r["issue_after"], r["channel"], r["bytes"]) for r in doc["layers"])
+        layers = tuple((r["layer"], r["mode"], r["issue_after"], r["channel"], r["bytes"],
+                        r.get("group", i if r["mode"] == "load" else -1)) for i, r in enumerate(doc["layers"]))
         predicted = tuple((r["load_start_ms"], r["load_end_ms"], r["compute_start_ms"], r["compute_end_ms"])
                           for r in doc["layers"])
         return LoadPlan(doc["strategy"], doc["tier"], doc["channels"], doc["profile"], layers, predicted,

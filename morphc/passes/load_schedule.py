@@ -24,7 +24,7 @@ no longer see them behind a `wait`. `export_plan` writes the plan as JSON or a M
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -51,6 +51,7 @@ from morphc.passes.manager import PassContext
 
 PROFILE_KIND = "layer-profile"  # records-database kind written by morphc.predictors.layer_profile
 MAX_CHANNELS = 16
+GROUP_AMORTIZE = 10.0  # group loads until the per-read overhead is a tenth of the read
 MIN_GAIN = 0.002  # switch a layer's mode only for a gain above 0.2% of the simulated total
 
 # analytic defaults per tier (used when no measured profile is available)
@@ -59,6 +60,7 @@ DEFAULT_COMPUTE_GFLOPS = {"disk": 30.0, "host": 10_000.0}
 DEFAULT_MEMORY_GBS = {"disk": 10.0, "host": 1_000.0}
 DEFAULT_LINK_GBS = 50.0  # NVLink-class device-to-device link for parallel transmission
 NODE_OVERHEAD_MS = {"disk": 0.01, "host": 0.01}
+READ_OVERHEAD_MS = {"disk": 0.05, "host": 0.01}  # one read syscall + thread hand-off; one cudaMemcpyAsync
 DIRECT_EFFICIENCY = {"disk": 1.0, "host": 0.8}  # direct reads vs bulk copies
 
 
@@ -77,6 +79,7 @@ class Schedule:
     channels: int
     timeline: tuple[tuple[float, float, float, float], ...]
     total_ms: float
+    groups: tuple[int, ...] = ()  # per layer, the first layer of its load group (-1: direct); () = each alone
 
 
 def _io_ms(nbytes: int, gbs: float) -> float:
@@ -115,10 +118,14 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
     load_start: dict[int, float] = {}
     load_end: dict[int, float] = {}
 
-    def serve(c: int, upto: int | None) -> None:
+    def serve(c: int, upto: int | None, until: float | None = None) -> None:
+        """Serve channel c's queue up to layer `upto` (None: all), or only the loads starting by `until`."""
         queue = queues[c]
         while cursor[c] < len(queue):
             j = queue[cursor[c]]
+            if until is not None and (issue_after[j] >= 0 and compute_end[issue_after[j]] == 0.0
+                                      or max(free[c], issue_time(issue_after[j])) > until):
+                return
             start = max(free[c], issue_time(issue_after[j]))
             end = start + load_ms(j)
             if c == 0:
@@ -145,16 +152,25 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
         t = max(load_end.values(), default=0.0)
     t += costs.prologue_ms
     timeline = []
+    last_load = max((i for i in range(n) if modes[i] == "load"), default=-1)
     for i, c in enumerate(costs.layers):
+        # compute that shares the machine with loads still streaming in runs slower (memory traffic, the
+        # I/O thread's share of the GIL and of the cores)
+        slow = costs.overlap_slowdown if i < last_load and not barrier else 1.0
         if modes[i] == "load":
             if i not in load_end:
                 serve(channel[i], i)
             start = max(t, load_end[i])
-            end = start + c.compute_ms
+            end = start + c.compute_ms * slow
             timeline.append((load_start[i], load_end[i], start, end))
         else:
             start = t
-            end = start + c.direct_ms
+            if shared and c.touched_bytes > 0:
+                # one disk: the direct read queues behind the loads in flight, and the kernel reads a
+                # sequential reader's file ahead by up to `readahead_bytes`: those are in flight too
+                serve(0, None, until=t + _io_ms(costs.readahead_bytes, costs.bandwidth_gbs))
+                start = max(t, free[0])
+            end = start + c.direct_ms + c.compute_ms * (slow - 1.0)
             io = _io_ms(c.touched_bytes, costs.bandwidth_gbs)
             if io > 0:
                 injections.append([start, io, 0.0])
@@ -164,6 +180,57 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
         serve(c, None)
     total = max([t, *(le for _, le, _, _ in timeline)])
     return tuple(timeline), total
+
+
+def grouped_costs(costs: LayerCosts, groups: Sequence[int]) -> LayerCosts:
+    """Costs of reading each load group with one read: the group's first layer carries the whole read
+    (its layers' load times less the read overhead they no longer pay each), the others none, so that
+    in the FIFO simulation they arrive together."""
+    layers = list(costs.layers)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g >= 0:
+            members.setdefault(g, []).append(i)
+    for g, idx in members.items():
+        if len(idx) == 1:
+            continue
+        total = sum(costs.layers[i].load_ms for i in idx) - (len(idx) - 1) * costs.read_overhead_ms
+        layers[g] = replace(layers[g], load_ms=max(total, 0.0))
+        for i in idx[1:]:
+            layers[i] = replace(layers[i], load_ms=0.0)
+    return replace(costs, layers=tuple(layers))
+
+
+def _simulate_grouped(costs: LayerCosts, modes: Sequence[str], issue: Sequence[int], chan: Sequence[int],
+                      channels: int, groups: Sequence[int], barrier: bool = False
+                      ) -> tuple[tuple[tuple[float, float, float, float], ...], float]:
+    issue = [issue[g] if g >= 0 else a for a, g in zip(issue, groups)]
+    return simulate(grouped_costs(costs, groups), modes, issue, chan, channels, barrier=barrier)
+
+
+def _merge_loads(costs: LayerCosts, modes: Sequence[str], issue: Sequence[int], chan: Sequence[int],
+                 channels: int, barrier: bool) -> tuple[list[int], tuple[tuple[float, float, float, float], ...], float]:
+    """Group consecutive loads into single reads (PipeSwitch's grouped transmission), greedily from the
+    first layer: a layer joins the previous one's group unless that lengthens the simulated first
+    inference. Fewer, larger reads save the per-read overhead and the hand-offs between threads."""
+    groups = [i if m == "load" else -1 for i, m in enumerate(modes)]
+    timeline, total = _simulate_grouped(costs, modes, issue, chan, channels, groups, barrier)
+    # beyond this size a read already amortizes its overhead (to 1/GROUP_AMORTIZE of it), and a bigger one
+    # only makes its first layer wait longer (the simulation, computing on a mean rate, would not see it)
+    cap = GROUP_AMORTIZE * costs.read_overhead_ms * costs.bandwidth_gbs * 1e6
+    size = {i: costs.layers[i].nbytes for i in range(len(modes))}
+    for i in range(1, len(modes)):
+        if groups[i] < 0 or groups[i - 1] < 0 or chan[i] != chan[i - 1] or issue[i] != issue[i - 1]:
+            continue
+        if not barrier and size[groups[i - 1]] + costs.layers[i].nbytes > cap:
+            continue
+        trial = list(groups)
+        trial[i] = groups[i - 1]
+        t_line, t_total = _simulate_grouped(costs, modes, issue, chan, channels, trial, barrier)
+        if t_total <= total + 1e-9:
+            groups, timeline, total = trial, t_line, t_total
+            size[groups[i]] += costs.layers[i].nbytes
+    return groups, timeline, total
 
 
 def _assign_channels(costs: LayerCosts, modes: Sequence[str], channels: int) -> tuple[int, ...]:
@@ -185,10 +252,11 @@ def _assign_channels(costs: LayerCosts, modes: Sequence[str], channels: int) -> 
 
 
 def make_schedule(costs: LayerCosts, strategy: str = "plan", *, channels: int = 1, lookahead: int = 0,
-                  max_sweeps: int = 4) -> Schedule:
+                  max_sweeps: int = 4, group: bool = True) -> Schedule:
     """Plan with one of the strategies: `plan` (DeepPlan: pipeline + direct access where it pays),
     `pipeline` (PipeSwitch: every layer loaded, pipelined), `on-demand` (load all, then compute),
-    `direct` (every layer computed in place)."""
+    `direct` (every layer computed in place). `group`: read consecutive loads together where that
+    does not lengthen the first inference (on-demand: everything in one read)."""
     if strategy not in STRATEGIES:
         raise PassOptionError(f"unknown load strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     if not 1 <= channels <= MAX_CHANNELS:
@@ -215,8 +283,12 @@ def make_schedule(costs: LayerCosts, strategy: str = "plan", *, channels: int = 
                     modes, chan, timeline, total, changed = trial, trial_chan, t_line, t_total, True
             if not changed:
                 break
+    groups = [i if m == "load" else -1 for i, m in enumerate(modes)]
+    if group and effective == 1:
+        groups, timeline, total = _merge_loads(costs, modes, issue, chan, effective, barrier)
     chan = tuple(c if m == "load" else 0 for c, m in zip(chan, modes))
-    return Schedule(strategy, tuple(modes), issue, chan, effective, timeline, total)
+    issue = tuple(issue[g] if g >= 0 else a for a, g in zip(issue, groups))
+    return Schedule(strategy, tuple(modes), issue, chan, effective, timeline, total, tuple(groups))
 
 
 # --- costs ------------------------------------------------------------------------------------------
@@ -241,9 +313,11 @@ def analytic_costs(program: Program, layers: Layers, *, tier: str, bandwidth_gbs
     for layer in layers:
         resident = compute(layer.flops, layer.bytes_moved, len(layer.nodes))
         direct = resident + _io_ms(layer.touched_bytes, bw * DIRECT_EFFICIENCY[tier])
-        out.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, _io_ms(layer.nbytes, bw), resident, direct))
+        load = READ_OVERHEAD_MS[tier] + _io_ms(layer.nbytes, bw)
+        out.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, resident, direct))
     prologue = compute(layers.prologue_flops, layers.prologue_bytes_moved, len(layers.prologue))
-    return LayerCosts(tuple(out), prologue, "analytic", tier, bw, link_gbs or DEFAULT_LINK_GBS)
+    return LayerCosts(tuple(out), prologue, "analytic", tier, bw, link_gbs or DEFAULT_LINK_GBS,
+                      read_overhead_ms=READ_OVERHEAD_MS[tier])
 
 
 def _profile_from_context(program: Program, layers: Layers, ctx: PassContext) -> LayerCosts | None:
@@ -344,8 +418,9 @@ def insert_schedule(program: Program, layers: Layers, schedule: Schedule) -> int
 
 
 def plan_annotation(schedule: Schedule, layers: Layers, costs: LayerCosts) -> LoadPlan:
-    entries = tuple((layer.name, m, a if m == "load" else -1, c, layer.nbytes)
-                    for layer, m, a, c in zip(layers, schedule.modes, schedule.issue_after, schedule.channel))
+    groups = schedule.groups or tuple(i if m == "load" else -1 for i, m in enumerate(schedule.modes))
+    entries = tuple((layer.name, m, a if m == "load" else -1, c, layer.nbytes, g) for layer, m, a, c, g in
+                    zip(layers, schedule.modes, schedule.issue_after, schedule.channel, groups))
     predicted = tuple(tuple(round(x, 6) for x in row) for row in schedule.timeline)
     return LoadPlan(schedule.strategy, costs.tier, schedule.channels, costs.source, entries, predicted,
                     round(schedule.total_ms, 6), round(costs.prologue_ms, 6))
@@ -362,6 +437,7 @@ class InsertLoadSchedule(Pass):
         "plan", "plan (DeepPlan), pipeline (PipeSwitch), on-demand (load all, then run), direct (all in place)")
     channels: int = option(1, "parallel transmission: load channels (GPUs with their own link); 1 on one disk")
     lookahead: int = option(0, "issue a load at most this many segments before its use (0: all at the start)")
+    group_loads: bool = option(True, "read consecutive loaded layers with one read where that is not slower")
     bandwidth_gbs: float = option(0.0, "analytic profile: load bandwidth in GB/s (0: the tier's default)")
     compute_gflops: float = option(0.0, "analytic profile: compute throughput in GFLOP/s (0: the tier's default)")
 
@@ -388,12 +464,14 @@ class InsertLoadSchedule(Pass):
         removed = strip_schedule(program)
         layers = group_layers(program)
         costs = self.costs(program, layers, ctx)
-        schedule = make_schedule(costs, self.strategy, channels=self.channels, lookahead=self.lookahead)
+        schedule = make_schedule(costs, self.strategy, channels=self.channels, lookahead=self.lookahead,
+                                 group=self.group_loads)
         inserted = insert_schedule(program, layers, schedule)
         program.annotate(plan_annotation(schedule, layers, costs))
         loaded = schedule.modes.count("load")
         return PassResult(program, modified=bool(inserted or removed), statistics={
             "layers": len(layers), "loaded": loaded, "direct": len(layers) - loaded,
+            "reads": len({g for g in schedule.groups if g >= 0}),
             "predicted-ms": round(schedule.total_ms, 3)})
 
 
@@ -405,18 +483,21 @@ def plan_markdown(plan: LoadPlan, measured: Sequence[Sequence[float]] | None = N
     lines = [f"# load plan: {plan.strategy}", "",
              f"- tier: {plan.tier}, channels: {plan.channels}, costs: {plan.profile}",
              f"- predicted first inference: {plan.predicted_total_ms:.2f} ms (prologue {plan.prologue_ms:.2f} ms)",
-             f"- layers: {len(plan.layers)} ({plan.modes().count('load')} loaded, "
-             f"{plan.modes().count('direct')} direct access)", ""]
-    header = "| # | layer | mode | issued after | ch | KB | load (ms) | compute (ms) |"
-    sep = "|---|---|---|---|---|---|---|---|"
+             f"- layers: {len(plan.layers)} ({plan.modes().count('load')} loaded in "
+             f"{len({g for g in plan.groups() if g >= 0})} reads, {plan.modes().count('direct')} direct access)", ""]
+    header = "| # | layer | mode | read with | issued after | ch | KB | load (ms) | compute (ms) |"
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if measured is not None:
         header += " measured load | measured compute |"
         sep += "---|---|"
     lines += [header, sep]
-    for i, ((name, mode, after, channel, nbytes), (ls, le, cs, ce)) in enumerate(zip(plan.layers, plan.predicted)):
+    for i, (entry, group, (ls, le, cs, ce)) in enumerate(zip(plan.layers, plan.groups(), plan.predicted)):
+        name, mode, after, channel, nbytes = entry[:5]
         load = f"{ls:.2f} to {le:.2f}" if mode == "load" else "—"
         issued = ("start" if after < 0 else f"#{after}") if mode == "load" else "—"
-        row = f"| {i} | `{name}` | {mode} | {issued} | {channel} | {nbytes / 1e3:.1f} | {load} | {cs:.2f} to {ce:.2f} |"
+        read = "—" if group < 0 else f"#{group}"
+        row = (f"| {i} | `{name}` | {mode} | {read} | {issued} | {channel} | {nbytes / 1e3:.1f} | {load} | "
+               f"{cs:.2f} to {ce:.2f} |")
         if measured is not None:
             mls, mle, mcs, mce = measured[i]
             mload = f"{mls:.2f} to {mle:.2f}" if mls >= 0 else "—"

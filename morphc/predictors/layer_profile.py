@@ -33,7 +33,7 @@ KIND = PROFILE_KIND
 
 def _schedule(program: Program, strategy: str) -> Program:
     p = program.clone()
-    result = InsertLoadSchedule(strategy=strategy).run(p, PassContext())
+    result = InsertLoadSchedule(strategy=strategy, group_loads=False).run(p, PassContext())  # per-layer reads
     if result.modified:
         result.program.mark_modified()
     return result.program
@@ -48,12 +48,15 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     layers = group_layers(program)
     on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights)
     direct = ColdStartExecutor(_schedule(program, "direct"), weights)
+    pipeline = ColdStartExecutor(_schedule(program, "pipeline"), weights)
     on_demand.run(*inputs, cold=False)  # warm the process (kernels, allocator); the weights go cold below
     od_runs: list[Timeline] = []
     dr_runs: list[Timeline] = []
+    pl_runs: list[Timeline] = []
     for _ in range(runs):
         od_runs.append(on_demand.run(*inputs, cold=True)[1])
         dr_runs.append(direct.run(*inputs, cold=True)[1])
+        pl_runs.append(pipeline.run(*inputs, cold=True)[1])
 
     def med(values: list[float]) -> float:
         return float(statistics.median(values))
@@ -81,11 +84,41 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
               "direct": _scale(direct_total, [c.direct_ms for c in costs])}
     costs = [LayerCost(c.name, c.nbytes, c.touched_bytes, c.load_ms * scales["load"], c.compute_ms * scales["compute"],
                        max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
-    extra = {"runs": runs, "threads": torch.get_num_threads(), "cold_read_gbs": bandwidth,
+    # the storage's streaming bandwidth (one large sequential read) is what a read of many bytes gets;
+    # per-layer reads also pay a fixed overhead each, which the planner saves by grouping them
+    bulk = statistics.median(on_demand.weights.cold_read_gbs() for _ in range(3))
+    streaming = max(bulk, bandwidth)
+    overhead = _read_overhead_ms(costs, streaming)
+    slowdown = _overlap_slowdown(pl_runs, costs)
+    extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
+             "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "overlap_slowdown": slowdown,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
              "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales}
-    return LayerCosts(tuple(costs), prologue, "measured", "disk", bandwidth, 0.0, extra)
+    return LayerCosts(tuple(costs), prologue, "measured", "disk", streaming, 0.0, extra, read_overhead_ms=overhead,
+                      overlap_slowdown=slowdown, readahead_bytes=on_demand.weights.readahead_bytes())
+
+
+def _read_overhead_ms(costs: list[LayerCost], bandwidth_gbs: float) -> float:
+    """The fixed cost of one read (syscall, storage latency, thread hand-off): what reading layer by
+    layer took beyond streaming all the bytes at `bandwidth_gbs`, per read."""
+    if not costs or bandwidth_gbs <= 0:
+        return 0.0
+    excess = sum(c.load_ms for c in costs) - sum(c.nbytes for c in costs) / (bandwidth_gbs * 1e6)
+    return max(0.0, excess / len(costs))
+
+
+def _overlap_slowdown(runs: list[Timeline], costs: list[LayerCost]) -> float:
+    """How much slower layers compute while loads are still streaming in (pipelined cold runs) than
+    with the weights resident: the median over runs of measured / resident compute of those layers."""
+    ratios = []
+    for run in runs:
+        last = max((t.load_end_ms for t in run.layers), default=0.0)
+        idx = [i for i, t in enumerate(run.layers) if t.compute_end_ms <= last]
+        resident = sum(costs[i].compute_ms for i in idx)
+        if resident > 0:
+            ratios.append(sum(run.layers[i].compute_end_ms - run.layers[i].compute_start_ms for i in idx) / resident)
+    return min(3.0, max(1.0, float(statistics.median(ratios)))) if ratios else 1.0
 
 
 def _scale(total: float, parts: list[float]) -> float:
