@@ -399,7 +399,8 @@ def plan_to_json(plan: LoadPlan) -> str:
     for entry, group, (ls, le, cs, ce) in zip(plan.layers, plan.groups(), plan.predicted):
         name, mode, issue_after, channel, nbytes = entry[:5]
         rows.append({"layer": name, "mode": mode, "issue_after": issue_after, "channel": channel, "bytes": nbytes,
-                     "group": group, "load_start_ms": ls, "load_end_ms": le, "compute_start_ms": cs, "compute_end_ms": ce})
+                     "group": group, "load_start_ms": ls, "load_end_ms": le, "compute_start_ms": cs,
+                     "compute_end_ms": ce})
     doc = {"format": "morphc.load-plan", "version": 1, "strategy": plan.strategy, "tier": plan.tier,
            "channels": plan.channels, "profile": plan.profile, "prologue_ms": plan.prologue_ms,
            "predicted_total_ms": plan.predicted_total_ms, "layers": rows}

@@ -123,7 +123,7 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
         queue = queues[c]
         while cursor[c] < len(queue):
             j = queue[cursor[c]]
-            if until is not None and (issue_after[j] >= 0 and compute_end[issue_after[j]] == 0.0
+            if until is not None and ((issue_after[j] >= 0 and compute_end[issue_after[j]] == 0.0)
                                       or max(free[c], issue_time(issue_after[j])) > until):
                 return
             start = max(free[c], issue_time(issue_after[j]))
@@ -209,7 +209,7 @@ def _simulate_grouped(costs: LayerCosts, modes: Sequence[str], issue: Sequence[i
 
 
 def _merge_loads(costs: LayerCosts, modes: Sequence[str], issue: Sequence[int], chan: Sequence[int],
-                 channels: int, barrier: bool) -> tuple[list[int], tuple[tuple[float, float, float, float], ...], float]:
+                 channels: int, barrier: bool) -> tuple[list[int], tuple[tuple[float, ...], ...], float]:
     """Group consecutive loads into single reads (PipeSwitch's grouped transmission), greedily from the
     first layer: a layer joins the previous one's group unless that lengthens the simulated first
     inference. Fewer, larger reads save the per-read overhead and the hand-offs between threads."""

@@ -4,7 +4,8 @@ Families (a family is what "held out of training" means in benchmarks/cost_model
 hand-written MLPs and plain VGG-style CNNs varied in depth / width / kernel / resolution, the zoo's
 residual and inception CNNs at several widths and resolutions, Hugging Face ResNet, ConvNeXt,
 MobileNetV2, EfficientNet, RegNet, ViT, BERT, DistilBERT, GPT-2, OPT and Llama configs varied in
-depth / width / resolution / sequence length, and fused multi-task graphs (several models lowered together into one Program).
+depth / width / resolution / sequence length, and fused multi-task graphs (several models lowered
+together into one Program).
 Every variant is deterministic (fixed seeds) and small enough that one measurement takes well under
 a second on one core. `Variant.build(batch)` returns (models, example_inputs) for `morphc.lower`.
 """

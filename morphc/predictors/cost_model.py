@@ -171,7 +171,8 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
             receivers[e0:e0 + e] = q.edges[:, 1] + n0
         gfeat[i] = q.gfeat
         n0, e0 = n0 + k, e0 + e
-    return {"x": x, "work": work, "mask": mask, "graph": gid, "senders": senders, "receivers": receivers, "gfeat": gfeat}, g
+    return {"x": x, "work": work, "mask": mask, "graph": gid, "senders": senders, "receivers": receivers,
+            "gfeat": gfeat}, g
 
 
 def _compile_forward(model: LatencyGNN) -> Callable[[dict[str, np.ndarray], int], tuple[jax.Array, jax.Array]]:
