@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--lock-chunk-s", type=float, default=120.0,
                         help="release the lock after this many seconds of measuring (others interleave)")
     parser.add_argument("--prepare-only", action="store_true", help="only lower the programs into --cache")
+    parser.add_argument("--repeat", type=int, default=0,
+                        help="measure the end-to-end latencies again as pass N (1, 2, ...): training learns the median")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,7 +43,7 @@ def main() -> int:
     db = RecordsDB(args.db)
     n = collect_corpus(db, variants, batches=[int(b) for b in args.batches.split(",")],
                        threads=[int(t) for t in args.threads.split(",")], lock=args.lock, cache_dir=args.cache,
-                       prepare_only=args.prepare_only, lock_chunk_s=args.lock_chunk_s)
+                       prepare_only=args.prepare_only, lock_chunk_s=args.lock_chunk_s, repeat=args.repeat)
     print(f"measured {n} (variant, batch) pairs now; {len(db)} records in {args.db}")
     return 0
 

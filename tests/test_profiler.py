@@ -120,6 +120,20 @@ collect_corpus(RecordsDB({str(path)!r}), [make(w) for w in (4, 8, 16)], batches=
     assert {s.config for s in samples} == {CpuConfig(threads=1, batch=1), CpuConfig(threads=2, batch=1)}
 
 
+def test_repeat_passes_are_kept_and_learned_as_their_median(tmp_path: Path) -> None:
+    db = RecordsDB(tmp_path / "corpus.sqlite")
+    variants = [_tiny_variant(4)]
+    assert collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001) == 1
+    first = {s.config: s.latency_ms for s in load_samples(db)}
+    assert collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001, repeat=1) == 1
+    assert collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001, repeat=1) == 0  # resumed
+    samples = load_samples(db)
+    assert len(samples) == 2  # one sample per config, not one per pass
+    for s in samples:
+        assert len(s.passes) == 2 and s.passes[0] == first[s.config]
+        assert s.latency_ms == pytest.approx(sum(s.passes) / 2)  # the median of two
+
+
 def test_loading_a_missing_or_foreign_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RecordsError, match="does not exist"):
         load_samples(tmp_path / "nope.sqlite")

@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -61,11 +62,19 @@ def lowered(v: Variant, batch: int, cache_dir: str | Path | None = None) -> Prog
     return program
 
 
-def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: str, ops: bool) -> bool:
+def _latency_key(batch: int, threads: int, repeat: int = 0) -> dict[str, int]:
+    """The records-database config of a latency measurement; repeat passes (1, 2, ...) add their number."""
+    return {"batch": batch, "threads": threads, **({"pass": repeat} if repeat else {})}
+
+
+def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: str, ops: bool,
+          repeat: int = 0) -> bool:
     rec = db.get(CORPUS, name, STATIC, {"batch": batch})
     if rec is None:
         return False
     fp = rec.stats["fingerprint"]
+    if repeat:
+        return all(db.get(LATENCY, fp, device, _latency_key(batch, t, repeat)) is not None for t in threads)
     kinds = (LATENCY, OP_LATENCY) if ops else (LATENCY,)
     return all(db.get(k, fp, device, {"batch": batch, "threads": t}) is not None for k in kinds for t in threads)
 
@@ -111,14 +120,18 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
                    threads: Sequence[int] = (1, 2), ops: bool = True, lock: str | None = None,
                    show_progress: bool = True, target_s: float = 0.1, retries: int = 1,
                    cache_dir: str | Path | None = None, prepare_only: bool = False,
-                   lock_chunk_s: float = 120.0) -> int:
+                   lock_chunk_s: float = 120.0, repeat: int = 0) -> int:
     """Profile every (variant, batch) not yet complete in `db`; returns how many were measured now.
 
     With `cache_dir`, lowered programs are saved there and reused (`prepare_only` just fills the
     cache: lowering needs no quiet machine, so it can run while another job holds the timing lock).
+    `repeat` > 0 measures the end-to-end latencies again as pass number `repeat` (kept beside the
+    first pass; no per-op profile): on shared machines a program's latency drifts between sessions
+    by more than within one, and `load_samples` learns the median over the passes.
     """
     device = device_fingerprint("cpu")
-    todo = [(v, b) for v in variants for b in batches if not _done(db, v.name, b, threads, device, ops)]
+    ops = ops and not repeat
+    todo = [(v, b) for v in variants for b in batches if not _done(db, v.name, b, threads, device, ops, repeat)]
     measured = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     chunk = TimingLock(lock, max_hold_s=lock_chunk_s)
@@ -140,12 +153,14 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
                 stats, attempts = _stable_measurement(program, configs, target_s, retries)
                 per_op = {t: profile_ops(program, CpuConfig(threads=t), repeats=3) for t in threads} if ops else {}
             for config, s in zip(configs, stats):
-                db.put(LATENCY, fp, device, asdict(config), {**asdict(s), "attempts": attempts,
-                                                             "unstable": _spread(s) > MAX_SPREAD})
+                db.put(LATENCY, fp, device, _latency_key(batch, config.threads, repeat),
+                       {**asdict(s), "attempts": attempts, "unstable": _spread(s) > MAX_SPREAD})
             for t, times in per_op.items():
                 ms = [round(times.get(n, 0.0), 5) for n in graph.names]
                 db.put(OP_LATENCY, fp, device, {"batch": batch, "threads": t}, {"ms": ms})
-            db.put(CORPUS, v.name, STATIC, {"batch": batch}, {"fingerprint": fp, "family": v.family, "spec": v.spec})
+            if not repeat:
+                db.put(CORPUS, v.name, STATIC, {"batch": batch},
+                       {"fingerprint": fp, "family": v.family, "spec": v.spec})
             measured += 1
             progress.advance(task)
     return measured
@@ -164,13 +179,15 @@ class Sample:
     runtime: np.ndarray | None  # [N, 2] per-op ms at 1 and 2 threads, when profiled
     load: float | None
     unstable: bool = False  # p90/p10 spread above UNUSABLE_SPREAD, or contended (see CONTENDED_RATIO), after retries
+    passes: tuple[float, ...] = ()  # the latency of every measurement pass (first pass first); latency_ms: median
 
 
 STATISTIC = "p10_ms"  # the latency the cost model learns; see load_samples
 
 
 def load_samples(db: RecordsDB | str | Path, device: str | None = None, statistic: str = STATISTIC) -> list[Sample]:
-    """Every complete latency sample of the corpus in `db` for `device` (default: this machine).
+    """Every complete latency sample of the corpus in `db` for `device` (default: this machine); a
+    config measured in several passes (`collect_corpus(repeat=...)`) gives one sample, their median.
 
     `statistic` is the latency learned: by default the 10th percentile of the interleaved runs, the
     latency of a program that has its cores (on cores shared with other jobs, the median also
@@ -203,15 +220,19 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
             runtime = np.stack([np.asarray(ops[t].stats["ms"], dtype=np.float64) for t in (1, 2)], axis=1)
             if runtime.shape[0] != graph.num_nodes:
                 raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
-        lats = list(db.query(kind=LATENCY, model=fp, device=device))
-        single = [float(r.stats[statistic]) for r in lats if r.config.get("threads") == 1]
-        for lat in lats:
-            config = CpuConfig(threads=int(lat.config["threads"]), batch=int(lat.config["batch"]))
-            ms = float(lat.stats[statistic])
-            if not np.isfinite(ms) or ms <= 0:
-                raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {ms}")
-            spread = float(lat.stats["p90_ms"]) / max(float(lat.stats["p10_ms"]), 1e-9)
-            contended = bool(single) and config.threads > 1 and ms > CONTENDED_RATIO * single[0]
+        passes: dict[tuple[int, int], list[Any]] = {}  # (batch, threads) -> records, first pass first
+        for lat in sorted(db.query(kind=LATENCY, model=fp, device=device), key=lambda r: r.config.get("pass", 0)):
+            passes.setdefault((int(lat.config["batch"]), int(lat.config["threads"])), []).append(lat)
+        single = [float(r.stats[statistic]) for (_, t), rs in passes.items() if t == 1 for r in rs[:1]]
+        for (batch_, threads), lats in passes.items():
+            config = CpuConfig(threads=threads, batch=batch_)
+            values = [float(r.stats[statistic]) for r in lats]
+            if not all(np.isfinite(v) and v > 0 for v in values):
+                raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {values}")
+            ms = float(np.median(values))
+            spread = float(lats[0].stats["p90_ms"]) / max(float(lats[0].stats["p10_ms"]), 1e-9)
+            contended = bool(single) and threads > 1 and values[0] > CONTENDED_RATIO * single[0]
             samples.append(Sample(rec.model, rec.stats["family"], fp, graph, config, ms, runtime,
-                                  lat.stats.get("load_before"), spread > UNUSABLE_SPREAD or contended))
+                                  lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD or contended,
+                                  tuple(values)))
     return samples
