@@ -149,7 +149,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         variants = [v for v in VARIANTS if not args.family or v.family in args.family]
         n = collect_corpus(db, variants, batches=[int(b) for b in args.batches.split(",")], threads=threads,
-                           lock=args.lock)
+                           lock=args.lock, repeat=args.repeat)
         console.print(f"measured {n} (variant, batch) pairs now; {len(db)} records in {args.db}")
         return 0
     if not args.source:
@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--ops", action="store_true", help="also measure per-operator latency")
     pf.add_argument("--corpus", action="store_true", help="profile the cost-model corpus (resumable)")
     pf.add_argument("--family", action="append", help="with --corpus: only this family (repeatable)")
-    pf.add_argument("--batches", default="1,4,8", help="with --corpus: batch sizes")
+    pf.add_argument("--batches", default="1,2,4,8,16", help="with --corpus: batch sizes")
+    pf.add_argument("--repeat", type=int, default=0,
+                    help="with --corpus: measure again as pass N (1, 2, ...); training learns the median of the passes")
     pf.add_argument("--lock", default=None, help="with --corpus: flock this file per variant while measuring")
     pf.add_argument("--space", action="store_true", help="show the device profiles and their knobs")
     pf.set_defaults(func=cmd_profile)

@@ -4,6 +4,7 @@ records database, and the GPU tier up to the edge this machine allows (no GPU he
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from morphc.ir.load_plan import LoadPlan, group_layers
 from morphc.passes import PassContext
 from morphc.predictors import layer_profile
 from morphc.predictors.records import RecordsDB
+from morphc.runtime import cold_start
 from morphc.runtime.cold_start import (
     ALIGN,
     CUDA_HOST_REGISTER_MAPPED,
@@ -109,6 +111,29 @@ def test_direct_access_reads_only_the_touched_pages(tmp_path: Path) -> None:
     assert weights.resident_fraction(*_range(weights, "table")) > 0.99
     if timeline.read_bytes is not None:
         assert timeline.read_bytes < 0.25 * table <= on_demand.read_bytes
+
+
+def test_a_lookup_asks_for_all_its_rows_before_it_runs(tmp_path: Path, monkeypatch) -> None:
+    """Sparse direct access queues the touched rows' reads together (not one fault after another)."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 5000, 9000, 16000, 5000]])
+    program = morphc.lower(Lookup().eval(), ids)
+    weights = write_weights(program, tmp_path / "lookup.safetensors")
+    asked: list[tuple[int, int]] = []
+    real = mmap.mmap.madvise
+
+    class Spy(mmap.mmap):
+        def madvise(self, option: int, start: int = 0, length: int = 0) -> None:  # type: ignore[override]
+            if option == mmap.MADV_WILLNEED:
+                asked.append((start, length))
+            real(self, option, start, length)
+
+    monkeypatch.setattr(cold_start.mmap, "mmap", Spy)
+    out, _ = ColdStartExecutor(_schedule(program, "direct"), weights).run(ids)
+    assert torch.equal(out["model"], program(ids)["model"])
+    table = weights.tensors["table.weight"]
+    rows = {(s + n - table.start) // (256 * 4) - 1 for s, n in asked if table.start < s + n <= table.end}
+    assert rows == {1, 5000, 9000, 16000}  # every row once, asked for before the gather
 
 
 def _range(weights: WeightsFile, name: str) -> tuple[int, int]:

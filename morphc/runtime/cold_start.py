@@ -51,7 +51,8 @@ import torch
 import torch.fx as fx
 
 from morphc.errors import MorphcError
-from morphc.ir.load_plan import PREFETCH, WAIT, Layers, LoadPlan, group_layers, is_schedule_node
+from morphc.ir.load_plan import PREFETCH, WAIT, Layers, LoadPlan, group_layers, is_schedule_node, weight_source
+from morphc.ir.metadata import op_name
 from morphc.ir.program import Program
 
 ALIGN = 64
@@ -299,6 +300,23 @@ class DiskTier:
         if r.end > start:
             self._mm.madvise(mmap.MADV_WILLNEED, start, r.end - start)
 
+    def will_need_rows(self, attr: str, indices: torch.Tensor) -> None:
+        """An embedding lookup on a table computed in place is about to run: ask for the pages of all the
+        rows it touches at once (asynchronous reads queued together), instead of faulting them in one
+        by one, each fault waiting behind the loads streaming in on the same disk."""
+        if self._mm is None:
+            return
+        e = self.weights.tensors[attr]
+        if len(e.shape) != 2:
+            return
+        row = e.shape[1] * (e.end - e.start) // max(1, e.shape[0] * e.shape[1])
+        page = mmap.PAGESIZE
+        for i in torch.unique(indices).tolist():
+            if 0 <= i < e.shape[0]:
+                start = e.start + i * row
+                aligned = start - start % page
+                self._mm.madvise(mmap.MADV_WILLNEED, aligned, start + row - aligned)
+
     def view(self, attr: str) -> torch.Tensor:
         """The tensor on the mapped pages (direct access: touching it reads only those pages)."""
         e = self.weights.tensors[attr]
@@ -501,6 +519,16 @@ class ColdStartExecutor:
         else:
             raise ColdStartError(f"unknown device {device!r}; valid: 'cpu' (disk tier) or 'cuda[:N]' (host tier)")
         self.device = device
+        # embedding lookups computed in place on the disk tier: node -> the table's attribute, so the rows
+        # a lookup touches are asked for together before it runs (see DiskTier.will_need_rows)
+        sparse_attrs = {a for layer in self.layers if isinstance(self.tier, DiskTier) and layer.name in self.tier.sparse
+                        for a in layer.attrs}
+        self._lookups: dict[fx.Node, str] = {}
+        for n in program.graph.nodes:
+            if n.op == "call_function" and op_name(n.target) == "embedding" and isinstance(n.args[0], fx.Node):
+                source = weight_source(n.args[0])
+                if source is not None and str(source.target) in sparse_attrs:
+                    self._lookups[n] = str(source.target)
         segment = self.layers.segment_of()
         self._steps: list[tuple[fx.Node, int | None]] = [
             (n, segment.get(n.name) if n.op == "call_function" and not is_schedule_node(n) else None)
@@ -605,6 +633,8 @@ class ColdStartExecutor:
                             current = seg
                         args = fx.node.map_arg(node.args, env.__getitem__)
                         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                        if node in self._lookups:
+                            self.tier.will_need_rows(self._lookups[node], args[1])  # type: ignore[union-attr]
                         env[node] = node.target(*args, **kwargs)
                         if sync:
                             dirty = True
