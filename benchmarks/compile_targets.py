@@ -164,7 +164,8 @@ def main() -> None:
             f"morphc pipeline: `{DEFAULT_PIPELINE}`. ort-plain: the model exported as it is into ONNX Runtime "
             "with the same session settings (all graph optimizations, same threads). tvm-untuned is timed apart "
             "(1 warm-up, 3 rounds, interleaved with eager; its ms are scaled to this table's eager median). "
-            f"tvm-tuned: MetaSchedule with {args.tvm_trials} trials per model and batch (random-sampling search, "
+            f"tvm-tuned: MetaSchedule with {args.tvm_trials} trials per model and batch (XGBoost cost model; "
+            "evolutionary search when a task gets 64 trials or more, else sampling; "
             "in-process builder; compile s includes tuning, or replaying stored records when they exist in "
             f"`{Path(args.tvm_records).name}`). morphc best: fastest of {', '.join(MORPHC)}.\n")
     path = common.write_results(args.out, title="Compile targets: eager, inductor, ONNX Runtime, morphc",

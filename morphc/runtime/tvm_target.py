@@ -254,7 +254,7 @@ def _tune(ms: Any, tasks: list[Any], target: Any, work: Path, trials: int, per_t
     try:
         import xgboost  # noqa: F401
         cost_model = "xgb"
-    except ImportError:  # the xgboost cost model is an extra of apache-tvm; random search still tunes
+    except ImportError:  # xgboost comes with morphc[tvm]; without it random search still tunes, slowly
         cost_model = "random"
     per_task = per_task or max(1, -(-trials // len(tasks)))
     # evolutionary search pays off with a cost model and many trials; small budgets sample the space
