@@ -310,6 +310,16 @@ def _in_process_builder_and_runner(config: Any) -> tuple[Any, Any]:
     return InProcessBuilder(), InProcessRunner()
 
 
+def _reads_indices(mod: Any) -> bool:
+    """Whether a task's PrimFunc takes an integer tensor (gather indices: `take`, `index_tensor`, ...).
+    MetaSchedule measures candidates on random inputs, and random indices are out of bounds."""
+    for func in mod.functions.values():
+        for buf in getattr(func, "buffer_map", {}).values():
+            if str(buf.dtype).startswith(("int", "uint")):
+                return True
+    return False
+
+
 def schedule(mod: Any, target: Any, opts: dict[str, Any], records: Any) -> tuple[Any, dict[str, Any]]:
     """Tune (or replay stored records for) the module's TIR tasks; returns the scheduled module.
 
@@ -329,7 +339,11 @@ def schedule(mod: Any, target: Any, opts: dict[str, Any], records: Any) -> tuple
                                         relax.pipeline.zero_pipeline()])(mod)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target, {})
              if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    gathers = [t for t in tasks if _reads_indices(t.dispatched[0])]
+    tasks = [t for t in tasks if t not in gathers]
     info["tasks"] = len(tasks)
+    if gathers:  # measured in process on random inputs, out-of-bounds indices would crash the process
+        info["untuned_gathers"] = sorted(t.task_name for t in gathers)
     if not tasks:
         return mod, info
     db = _records_db(records)
@@ -360,6 +374,7 @@ def schedule(mod: Any, target: Any, opts: dict[str, Any], records: Any) -> tuple
         elif stored is None:
             return mod, info
         info["records_replayed"] = len(database)
+        info["records_trials"] = max(have, opts["trials"])
         with target, database:
             mod = transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     return mod, info
@@ -413,9 +428,13 @@ class TvmExecutable(Executable):
             notes.append(f"tuned {tuning['tasks']} tasks with {tuning['trials_run']} MetaSchedule trials in "
                          f"{tuning['tuning_seconds']:.1f} s (records stored)")
         elif tuning.get("records_replayed"):
-            notes.append(f"replayed {tuning['records_replayed']} stored tuning records; no tuning")
+            notes.append(f"replayed {tuning['records_replayed']} stored tuning records (a "
+                         f"{tuning.get('records_trials', '?')}-trial search); no tuning")
         elif _kind(opts) == "llvm":
             notes.append("untuned: TVM's default CPU pipeline schedules no loops (slow); set trials to tune")
+        if tuning.get("untuned_gathers"):
+            notes.append(f"not tuned (integer index inputs, unsafe to measure on random data): "
+                         f"{', '.join(tuning['untuned_gathers'])}")
         report = CompileReport(target=cls.target, notes=notes)
         return cls(program, report, built, opts, tuning)
 
