@@ -35,6 +35,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -260,6 +261,10 @@ def _tune(ms: Any, tasks: list[Any], target: Any, work: Path, trials: int, per_t
     # evolutionary search pays off with a cost model and many trials; small budgets sample the space
     strategy = "evolutionary" if cost_model == "xgb" and per_task >= 64 else "replay-trace"
     contexts = []
+    # MetaSchedule re-lists its logger's handlers by name in a dictConfig (which replaces them anyway); an
+    # unnamed one (e.g. a test runner's log capture) makes that fail on a second tuning in the process
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
     loggers = get_loggers_from_work_dir(str(work), [t.task_name for t in tasks])
     for i, (task, logger) in enumerate(zip(tasks, loggers)):
         contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
@@ -311,13 +316,10 @@ def _in_process_builder_and_runner(config: Any) -> tuple[Any, Any]:
 
 
 def _reads_indices(mod: Any) -> bool:
-    """Whether a task's PrimFunc takes an integer tensor (gather indices: `take`, `index_tensor`, ...).
+    """Whether a task's PrimFunc takes an int32/int64 tensor (gather indices: `take`, `index_tensor`, ...).
     MetaSchedule measures candidates on random inputs, and random indices are out of bounds."""
-    for func in mod.functions.values():
-        for buf in getattr(func, "buffer_map", {}).values():
-            if str(buf.dtype).startswith(("int", "uint")):
-                return True
-    return False
+    return any(str(getattr(param, "dtype", "")) in ("int32", "int64")
+               for func in mod.functions.values() for param in getattr(func, "params", ()))
 
 
 def schedule(mod: Any, target: Any, opts: dict[str, Any], records: Any) -> tuple[Any, dict[str, Any]]:
