@@ -76,12 +76,14 @@ def layer_costs(draw: st.DrawFn) -> LayerCosts:
         nbytes = draw(st.integers(0, 10**8))
         layers.append(LayerCost(f"l{i}", nbytes, draw(st.integers(0, nbytes)), draw(ms), draw(ms), draw(ms)))
     return LayerCosts(tuple(layers), draw(ms), "analytic", draw(st.sampled_from(["disk", "host"])),
-                      draw(st.floats(0.01, 100.0)), draw(st.sampled_from([0.0, 1.0, 50.0])))
+                      draw(st.floats(0.01, 100.0)), draw(st.sampled_from([0.0, 1.0, 50.0])),
+                      read_overhead_ms=draw(st.floats(0.0, 5.0)), overlap_slowdown=draw(st.floats(1.0, 2.0)),
+                      readahead_bytes=draw(st.sampled_from([0, 128 << 10, 8 << 20])))
 
 
 def _check_timeline(costs: LayerCosts, schedule) -> None:
-    entries = [(c.name, m, a, ch, c.nbytes) for c, m, a, ch in
-               zip(costs.layers, schedule.modes, schedule.issue_after, schedule.channel)]
+    entries = [(c.name, m, a, ch, c.nbytes, g) for c, m, a, ch, g in
+               zip(costs.layers, schedule.modes, schedule.issue_after, schedule.channel, schedule.groups)]
     assert plan_problems(schedule.strategy, schedule.channels, entries, schedule.timeline) == []
     previous_end = 0.0
     by_channel: dict[int, list[tuple[float, float]]] = {}
