@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -152,6 +152,18 @@ def check_target_option(target: str, name: str, value: Any, *, choices: Sequence
         raise CompileError(f"option '{name}' of target '{target}' must be one of {', '.join(choices)}; got {value!r}")
     if minimum is not None and value is not None and value < minimum:
         raise CompileError(f"option '{name}' of target '{target}' must be >= {minimum}, got {value}")
+
+
+def nodes_rejected(program: Program, why: Callable[[torch._ops.OpOverload], str | None]) -> dict[str, str]:
+    """Node name -> reason, for the operator calls (OpOverloads) that `why` rejects; other call targets
+    (operator.getitem and friends) every target handles. What targets' `unsupported_nodes` build on."""
+    out = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            reason = why(node.target)
+            if reason is not None:
+                out[node.name] = reason
+    return out
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:

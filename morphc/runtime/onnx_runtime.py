@@ -37,6 +37,7 @@ from morphc.runtime.executable import (
     Executable,
     UnsupportedOpsError,
     check_target_option,
+    nodes_rejected,
     register_target,
 )
 
@@ -82,14 +83,8 @@ def unsupported(program: Program, target: str = "onnxruntime") -> dict[str, str]
     """Nodes torch.onnx cannot export: non-ATen operators without an ONNX function (ATen ops
     lacking one are decomposed by the exporter, so they are not listed)."""
     registry = _onnx_registry()
-    out = {}
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        op = node.target
-        if isinstance(op, torch._ops.OpOverload) and op.namespace != "aten" and not registry.is_registered(op):
-            out[node.name] = f"torch.onnx has no ONNX function for {op.namespace}.{op._opname}.{op._overloadname}"
-    return out
+    return nodes_rejected(program, lambda op: None if op.namespace == "aten" or registry.is_registered(op) else
+                          f"torch.onnx has no ONNX function for {op.namespace}.{op._opname}.{op._overloadname}")
 
 
 def export_onnx(program: Program, target: str = "onnxruntime") -> bytes:

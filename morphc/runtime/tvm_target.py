@@ -51,7 +51,14 @@ import torch
 
 from morphc.errors import did_you_mean
 from morphc.ir.program import Program
-from morphc.runtime.executable import CompileError, CompileReport, Executable, check_target_option, register_target
+from morphc.runtime.executable import (
+    CompileError,
+    CompileReport,
+    Executable,
+    check_target_option,
+    nodes_rejected,
+    register_target,
+)
 
 LIB_FILE = "model.so"
 CUDA_SOURCE_FILE = "model.cu"
@@ -80,17 +87,14 @@ def supported_aten_ops() -> frozenset[str]:
 def unsupported(program: Program) -> dict[str, str]:
     """Nodes the importer has no converter for (custom torch.library ops, ATen ops it lacks)."""
     known = supported_aten_ops()
-    out = {}
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
-            continue  # operator.getitem and friends: the importer handles them
-        key = f"{target._opname}.{target._overloadname}"
-        if target.namespace != "aten" or key not in known:
-            out[node.name] = f"TVM's Relax importer has no converter for {target.namespace}.{key}"
-    return out
+
+    def why(op: torch._ops.OpOverload) -> str | None:
+        key = f"{op._opname}.{op._overloadname}"
+        if op.namespace == "aten" and key in known:
+            return None
+        return f"TVM's Relax importer has no converter for {op.namespace}.{key}"
+
+    return nodes_rejected(program, why)
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
