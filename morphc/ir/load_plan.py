@@ -343,6 +343,15 @@ def entry_groups(layers: Sequence[Sequence[Any]]) -> tuple[int, ...]:
     return tuple(-1 if e[1] != "load" else (e[5] if len(e) > 5 else i) for i, e in enumerate(layers))
 
 
+def group_members(groups: Sequence[int]) -> dict[int, list[int]]:
+    """First layer of each read group -> the layers read with it, in order (direct layers, -1, left out)."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g >= 0:
+            members.setdefault(g, []).append(i)
+    return members
+
+
 def plan_problems(strategy: str, channels: int, layers: Sequence[Sequence[Any]],
                   predicted: Sequence[Sequence[float]] = ()) -> list[str]:
     """Why a plan is not executable (empty when it is): every load issued before its layer is used,

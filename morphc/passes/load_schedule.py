@@ -40,6 +40,7 @@ from morphc.ir.load_plan import (
     Layers,
     LoadPlan,
     group_layers,
+    group_members,
     is_schedule_node,
     layer_profile_key,
     plan_to_json,
@@ -187,11 +188,7 @@ def grouped_costs(costs: LayerCosts, groups: Sequence[int]) -> LayerCosts:
     (its layers' load times less the read overhead they no longer pay each), the others none, so that
     in the FIFO simulation they arrive together."""
     layers = list(costs.layers)
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        if g >= 0:
-            members.setdefault(g, []).append(i)
-    for g, idx in members.items():
+    for g, idx in group_members(groups).items():
         if len(idx) == 1:
             continue
         total = sum(costs.layers[i].load_ms for i in idx) - (len(idx) - 1) * costs.read_overhead_ms

@@ -51,7 +51,16 @@ import torch
 import torch.fx as fx
 
 from morphc.errors import MorphcError
-from morphc.ir.load_plan import PREFETCH, WAIT, Layers, LoadPlan, group_layers, is_schedule_node, weight_source
+from morphc.ir.load_plan import (
+    PREFETCH,
+    WAIT,
+    Layers,
+    LoadPlan,
+    group_layers,
+    group_members,
+    is_schedule_node,
+    weight_source,
+)
 from morphc.ir.metadata import op_name
 from morphc.ir.program import Program
 
@@ -296,9 +305,14 @@ class DiskTier:
         if name in self.sparse or self._mm is None:
             return
         r = self.weights.by_name[name]
-        start = r.start - r.start % mmap.PAGESIZE
-        if r.end > start:
-            self._mm.madvise(mmap.MADV_WILLNEED, start, r.end - start)
+        self._will_need(r.start, r.end)
+
+    def _will_need(self, start: int, end: int) -> None:
+        """Ask for the file's pages covering [start, end) (asynchronous reads)."""
+        assert self._mm is not None
+        aligned = start - start % mmap.PAGESIZE
+        if end > aligned:
+            self._mm.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
 
     def will_need_rows(self, attr: str, indices: torch.Tensor) -> None:
         """An embedding lookup on a table computed in place is about to run: ask for the pages of all the
@@ -307,15 +321,12 @@ class DiskTier:
         if self._mm is None:
             return
         e = self.weights.tensors[attr]
-        if len(e.shape) != 2:
+        if len(e.shape) != 2 or e.shape[0] == 0:
             return
-        row = e.shape[1] * (e.end - e.start) // max(1, e.shape[0] * e.shape[1])
-        page = mmap.PAGESIZE
+        row = (e.end - e.start) // e.shape[0]
         for i in torch.unique(indices).tolist():
             if 0 <= i < e.shape[0]:
-                start = e.start + i * row
-                aligned = start - start % page
-                self._mm.madvise(mmap.MADV_WILLNEED, aligned, start + row - aligned)
+                self._will_need(e.start + i * row, e.start + (i + 1) * row)
 
     def view(self, attr: str) -> torch.Tensor:
         """The tensor on the mapped pages (direct access: touching it reads only those pages)."""
@@ -343,6 +354,10 @@ class DiskTier:
                 e = self.weights.tensors[attr]
                 out[attr] = buf[e.start - start:e.end - start].view(e.dtype).view(e.shape)
         return out
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether `t` lives in the arena (the next run overwrites it)."""
+        return self._arena is not None and t.untyped_storage().data_ptr() == self._arena.untyped_storage().data_ptr()
 
     def end(self) -> None:
         self._base = None
@@ -521,8 +536,8 @@ class ColdStartExecutor:
         self.device = device
         # embedding lookups computed in place on the disk tier: node -> the table's attribute, so the rows
         # a lookup touches are asked for together before it runs (see DiskTier.will_need_rows)
-        sparse_attrs = {a for layer in self.layers if isinstance(self.tier, DiskTier) and layer.name in self.tier.sparse
-                        for a in layer.attrs}
+        sparse = self.tier.sparse if isinstance(self.tier, DiskTier) else ()
+        sparse_attrs = {a for layer in self.layers if layer.name in sparse for a in layer.attrs}
         self._lookups: dict[fx.Node, str] = {}
         for n in program.graph.nodes:
             if n.op == "call_function" and op_name(n.target) == "embedding" and isinstance(n.args[0], fx.Node):
@@ -562,10 +577,7 @@ class ColdStartExecutor:
             return (time.perf_counter() - t0) * 1e3
 
         groups = plan.groups()
-        members: dict[int, list[int]] = {}
-        for i, g in enumerate(groups):
-            if g >= 0:
-                members.setdefault(g, []).append(i)
+        members = group_members(groups)
 
         def do_load(group: int, channel: int) -> dict[str, torch.Tensor]:
             start = ms()
@@ -668,10 +680,8 @@ class ColdStartExecutor:
                 cs = ce = max([x for x in seg_end[:i] if x >= 0], default=max(prologue_end, 0.0))
             timings.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, waited[i]))
         outputs = dict(zip((o.name for o in self.program.outputs), leaves))
-        arena = getattr(self.tier, "_arena", None)
-        if arena is not None:  # an output that is a loaded weight must not change when the next run reuses the RAM
-            ptr = arena.untyped_storage().data_ptr()
-            outputs = {k: v.clone() if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr else v
+        if isinstance(self.tier, DiskTier):  # an output that is a loaded weight must outlive the next run's loads
+            outputs = {k: v.clone() if isinstance(v, torch.Tensor) and self.tier.holds(v) else v
                        for k, v in outputs.items()}
         timeline = Timeline(plan.strategy, self.tier.name, total, prologue_start, prologue_end, tuple(timings),
                             None if rb0 is None or rb1 is None else rb1 - rb0, cold)
