@@ -62,39 +62,38 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     def med(values: list[float]) -> float:
         return float(statistics.median(values))
 
-    costs = []
-    for i, layer in enumerate(layers):
-        load = med([t.layers[i].load_end_ms - t.layers[i].load_start_ms for t in od_runs])
-        compute = med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in od_runs])
-        # computing on weights that are not resident cannot beat computing on resident ones: a direct
-        # time below the resident one is noise (preemption on shared cores), and the planner would chase it
-        direct_ms = max(compute, med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in dr_runs]))
-        costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms))
     prologue = med([max(0.0, t.prologue_end_ms - t.prologue_start_ms) if t.prologue_start_ms >= 0 else 0.0
                     for t in od_runs])
     spans = [max(r.layers[i].load_end_ms for i in range(len(layers))) -
              min(r.layers[i].load_start_ms for i in range(len(layers))) for r in od_runs] if len(layers) else [0.0]
-    bandwidth = layers.nbytes / (med(spans) * 1e6) if med(spans) > 0 else 0.0
-    resident = med([t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0) for t in od_runs])
-    direct_total = med([t.total_ms - max(0.0, t.prologue_end_ms - t.prologue_start_ms) for t in dr_runs])
-    # Per-layer medians give each layer's share; whole-run medians give the level. On shared cores a
-    # preemption lands on a random layer, so a sum of per-layer medians underestimates a typical run:
-    # rescale each kind of time so that its sum matches the median run (recorded in `extra`).
-    scales = {"load": _scale(med(spans), [c.load_ms for c in costs]),
-              "compute": _scale(resident - prologue, [c.compute_ms for c in costs]),
-              "direct": _scale(direct_total, [c.direct_ms for c in costs])}
-    costs = [LayerCost(c.name, c.nbytes, c.touched_bytes, c.load_ms * scales["load"], c.compute_ms * scales["compute"],
-                       max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
+    span = med(spans)
+    bandwidth = layers.nbytes / (span * 1e6) if span > 0 else 0.0
     # the storage's streaming bandwidth (one large sequential read) is what a read of many bytes gets;
     # per-layer reads also pay a fixed overhead each, which the planner saves by grouping them
     bulk = statistics.median(on_demand.weights.cold_read_gbs() for _ in range(3))
     streaming = max(bulk, bandwidth)
-    overhead = _read_overhead_ms(costs, streaming)
+    overhead = _read_overhead_ms(span, layers.nbytes, len(layers), streaming)
+    resident = med([t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0) for t in od_runs])
+    direct_total = med([t.total_ms - max(0.0, t.prologue_end_ms - t.prologue_start_ms) for t in dr_runs])
+    # A layer's own measured read time is distorted by the kernel's read-ahead (a layer the previous read
+    # already pulled in reads from the cache, the one after pays for both): a layer's load is overhead +
+    # bytes / streaming rate instead, which sums to the measured layer-by-layer reading by construction.
+    costs = []
+    for i, layer in enumerate(layers):
+        compute = med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in od_runs])
+        # computing on weights that are not resident cannot beat computing on resident ones: a direct
+        # time below the resident one is noise (preemption on shared cores), and the planner would chase it
+        direct_ms = max(compute, med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in dr_runs]))
+        load = overhead + layer.nbytes / (streaming * 1e6) if streaming > 0 else 0.0
+        costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms))
+    # Per-layer medians give each layer's share; whole-run medians give the level. On shared cores a
+    # preemption lands on a random layer, so a sum of per-layer medians underestimates a typical run:
+    # rescale compute and direct times so that their sums match the median run (recorded in `extra`).
+    scales = {"compute": _scale(resident - prologue, [c.compute_ms for c in costs]),
+              "direct": _scale(direct_total, [c.direct_ms for c in costs])}
+    costs = [replace(c, compute_ms=c.compute_ms * scales["compute"],
+                     direct_ms=max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
     slowdown = _overlap_slowdown(pl_runs, costs)
-    # a layer's own measured read time is distorted by the kernel's read-ahead (a layer the previous read
-    # already pulled in reads from the cache, the one after pays for both): the planner gets overhead +
-    # bytes / streaming rate instead, which sums to the measured layer-by-layer reading by construction
-    costs = [replace(c, load_ms=overhead + c.nbytes / (streaming * 1e6)) for c in costs]
     extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
              "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "overlap_slowdown": slowdown,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
@@ -104,13 +103,13 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
                       overlap_slowdown=slowdown, readahead_bytes=on_demand.weights.readahead_bytes())
 
 
-def _read_overhead_ms(costs: list[LayerCost], bandwidth_gbs: float) -> float:
+def _read_overhead_ms(span_ms: float, nbytes: int, reads: int, bandwidth_gbs: float) -> float:
     """The fixed cost of one read (syscall, storage latency, thread hand-off): what reading layer by
-    layer took beyond streaming all the bytes at `bandwidth_gbs`, per read."""
-    if not costs or bandwidth_gbs <= 0:
+    layer (`reads` reads of `nbytes` in all, taking `span_ms`) took beyond streaming the bytes at
+    `bandwidth_gbs`, per read."""
+    if reads == 0 or bandwidth_gbs <= 0:
         return 0.0
-    excess = sum(c.load_ms for c in costs) - sum(c.nbytes for c in costs) / (bandwidth_gbs * 1e6)
-    return max(0.0, excess / len(costs))
+    return max(0.0, (span_ms - nbytes / (bandwidth_gbs * 1e6)) / reads)
 
 
 def _overlap_slowdown(runs: list[Timeline], costs: list[LayerCost]) -> float:
