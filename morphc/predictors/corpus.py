@@ -176,12 +176,11 @@ def _efficientnet(batch: int, width: float, depth: float, image: int) -> Built:
     import transformers
     from transformers.models.efficientnet.modeling_efficientnet import round_filters
 
-    from morphc.zoo.hf import VisionWrapper
-
-    cfg = transformers.EfficientNetConfig(width_coefficient=width, depth_coefficient=depth, image_size=image,
-                                          num_labels=10)
-    cfg.hidden_dim = round_filters(cfg, 1280)  # the config's default assumes width 2.0 (B7-sized head)
-    return VisionWrapper(transformers.EfficientNetForImageClassification(cfg)).eval(), _image(batch, image)
+    # the config's default head width assumes width 2.0 (a B7-sized head): scale it with the width
+    hidden_dim = round_filters(transformers.EfficientNetConfig(width_coefficient=width), 1280)
+    return _hf_vision(batch, "EfficientNetConfig", "EfficientNetForImageClassification", image,
+                      width_coefficient=width, depth_coefficient=depth, image_size=image, num_labels=10,
+                      hidden_dim=hidden_dim)
 
 
 def _hf_decoder(batch: int, config: str, model: str, seq: int, **kwargs: Any) -> Built:

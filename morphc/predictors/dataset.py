@@ -73,10 +73,8 @@ def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: 
     if rec is None:
         return False
     fp = rec.stats["fingerprint"]
-    if repeat:
-        return all(db.get(LATENCY, fp, device, _latency_key(batch, t, repeat)) is not None for t in threads)
-    kinds = (LATENCY, OP_LATENCY) if ops else (LATENCY,)
-    return all(db.get(k, fp, device, {"batch": batch, "threads": t}) is not None for k in kinds for t in threads)
+    kinds = (LATENCY, OP_LATENCY) if ops else (LATENCY,)  # repeat passes measure no per-op profile (ops=False)
+    return all(db.get(k, fp, device, _latency_key(batch, t, repeat)) is not None for k in kinds for t in threads)
 
 
 MAX_SPREAD = 2.0  # p90/p10 above this: the measurement was disturbed (other processes), measure again
@@ -157,7 +155,7 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
                        {**asdict(s), "attempts": attempts, "unstable": _spread(s) > MAX_SPREAD})
             for t, times in per_op.items():
                 ms = [round(times.get(n, 0.0), 5) for n in graph.names]
-                db.put(OP_LATENCY, fp, device, {"batch": batch, "threads": t}, {"ms": ms})
+                db.put(OP_LATENCY, fp, device, _latency_key(batch, t), {"ms": ms})
             if not repeat:
                 db.put(CORPUS, v.name, STATIC, {"batch": batch},
                        {"fingerprint": fp, "family": v.family, "spec": v.spec})
@@ -214,7 +212,7 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
             except ValueError as exc:
                 raise RecordsError(f"op graph of {rec.model} in '{db.path}': {exc}") from exc
         graph = graphs[fp]
-        ops = {t: db.get(OP_LATENCY, fp, device, {"batch": batch, "threads": t}) for t in (1, 2)}
+        ops = {t: db.get(OP_LATENCY, fp, device, _latency_key(batch, t)) for t in (1, 2)}
         runtime = None
         if all(o is not None for o in ops.values()):
             runtime = np.stack([np.asarray(ops[t].stats["ms"], dtype=np.float64) for t in (1, 2)], axis=1)
