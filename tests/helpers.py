@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -65,3 +68,21 @@ class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         name = op_name(func)
         self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def assert_loads_without_model_code(saved: Path, inputs: tuple[torch.Tensor, ...], expected: torch.Tensor,
+                                    target: str, *, timeout: float = 300) -> None:
+    """A saved executable loads and runs in a fresh process that never imports transformers (so not
+    the model's code), as `target`, and reproduces `expected` (output 'model')."""
+    io = saved.parent / f"{saved.name}.io.pt"
+    torch.save({"inputs": inputs, "expected": expected}, io)
+    script = (
+        "import sys, torch, morphc\n"
+        f"exe = morphc.load_executable({str(saved)!r})\n"
+        "assert 'transformers' not in sys.modules\n"
+        f"io = torch.load({str(io)!r})\n"
+        "got = exe(*io['inputs'])['model']\n"
+        f"assert exe.target == {target!r}, exe.target\n"
+        "assert torch.allclose(got, io['expected'], atol=1e-6), (got - io['expected']).abs().max()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=timeout)

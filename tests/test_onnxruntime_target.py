@@ -3,13 +3,12 @@ code, options are applied, and missing pieces give clear errors."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_outputs_close
+from helpers import assert_loads_without_model_code, assert_outputs_close
 from hypothesis import given, settings
 from strategies import build_models, examples, make_input, multi_task_specs, reference_outputs
 
@@ -67,17 +66,7 @@ def test_save_and_load_without_the_model_code(tmp_path: Path) -> None:
     saved = exe.save(tmp_path / "bert.exe")
     assert (saved / "model.onnx").stat().st_size > 0
     expected = exe(*z.example_inputs)["model"]
-    torch.save({"inputs": z.example_inputs, "expected": expected}, tmp_path / "io.pt")
-    script = (
-        "import sys, torch, morphc\n"
-        "assert 'transformers' not in sys.modules\n"
-        f"exe = morphc.load_executable({str(saved)!r})\n"
-        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        "got = exe(*io['inputs'])['model']\n"
-        "assert exe.target == 'onnxruntime', exe.target\n"
-        "assert torch.allclose(got, io['expected'], atol=1e-6), (got - io['expected']).abs().max()\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert_loads_without_model_code(saved, z.example_inputs, expected, "onnxruntime", timeout=120)
     again = load_executable(saved)
     assert torch.equal(again(*z.example_inputs)["model"], expected)
 

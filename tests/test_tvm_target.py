@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_outputs_close
+from helpers import assert_loads_without_model_code, assert_outputs_close
 
 import morphc
 from morphc import zoo
@@ -91,17 +91,7 @@ def test_save_and_load_without_the_model_code(tmp_path: Path) -> None:
     saved = exe.save(tmp_path / "bert.exe")
     assert (saved / "model.so").stat().st_size > 0
     expected = exe(*z.example_inputs)["model"]
-    torch.save({"inputs": z.example_inputs, "expected": expected}, tmp_path / "io.pt")
-    script = (
-        "import sys, torch, morphc\n"
-        f"exe = morphc.load_executable({str(saved)!r})\n"
-        "assert 'transformers' not in sys.modules\n"
-        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        "got = exe(*io['inputs'])['model']\n"
-        "assert exe.target == 'tvm', exe.target\n"
-        "assert torch.allclose(got, io['expected'], atol=1e-6), (got - io['expected']).abs().max()\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    assert_loads_without_model_code(saved, z.example_inputs, expected, "tvm")
     assert torch.equal(load_executable(saved)(*z.example_inputs)["model"], expected)
 
 
