@@ -1,8 +1,9 @@
 """Cold-start first inference on the CPU disk tier: on-demand, pipelined, direct-only and morphc's plan.
 
-For each model: write its weights in load order (`write_weights`), measure the per-layer profile
-from the cold state (stored in a records database, reused when present), schedule the program
-with each strategy of `insert-load-schedule` (the plan from the measured profile), then run
+For each model: write its weights in first-use order (`write_weights`), measure the per-layer profile
+from the cold state (stored in a records database; `--reuse-profile` plans from a stored one), schedule
+the program with each strategy of `insert-load-schedule` (the plan from the measured profile), write
+the plan's own file when its layout differs (direct-access layers after the loaded ones), then run
 interleaved cold first inferences (the file's pages evicted with posix_fadvise DONTNEED before
 each) with the cold-start executor and report medians, the planner's predicted totals, and the
 physical lower bound max(bytes that must be read / measured cold read bandwidth, compute time with
@@ -42,7 +43,7 @@ from morphc.passes.load_schedule import plan_markdown
 from morphc.predictors.layer_profile import profile_layers
 from morphc.predictors.records import RecordsDB
 from morphc.predictors.timing_lock import DEFAULT_TIMING_LOCK, timing_lock
-from morphc.runtime.cold_start import ColdStartExecutor, Timeline, WeightsFile, write_weights
+from morphc.runtime.cold_start import ColdStartExecutor, Timeline, WeightsFile, file_order, write_weights
 
 STRATEGIES = ("on-demand", "pipeline", "direct", "plan")
 MODELS: dict[str, dict[str, Any]] = {
@@ -101,16 +102,21 @@ def prepare(name: str, kwargs: dict[str, Any], workdir: Path) -> tuple[morphc.Pr
 
 
 def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weights: WeightsFile, db: RecordsDB,
-                runs: int, profile_runs: int) -> dict[str, Any]:
+                runs: int, profile_runs: int, reuse_profile: bool = False) -> dict[str, Any]:
     layers = group_layers(program)
     # the caller holds the timing lock
     print(f"[{name}] measuring (holding {LOCK})", flush=True)
     load_start = common.load_average()
-    costs = profile_layers(program, db, weights, runs=profile_runs)
+    costs = profile_layers(program, db, weights, runs=profile_runs, refresh=not reuse_profile)
     ctx = PassContext(records=db, reproducer_dir=None)
     scheduled = {s: morphc.Pipeline.parse(f"insert-load-schedule{{strategy={s}}}").run(program, ctx)
                  for s in STRATEGIES}
-    executors = {s: ColdStartExecutor(p, weights) for s, p in scheduled.items()}
+    # each schedule runs on the file written for it, as it would be deployed: the loaded layers first
+    # (only the plan, with direct-access layers, differs from first-use order)
+    files = {s: weights if [x.name for x in file_order(p)] == [x.name for x in layers]
+             else write_weights(p, weights.path.with_name(f"{weights.path.stem}-{s}.safetensors"))
+             for s, p in scheduled.items()}
+    executors = {s: ColdStartExecutor(p, files[s]) for s, p in scheduled.items()}
     inputs = program.example_inputs
     reference = program(*inputs)
     for exe in executors.values():  # warm the process once per variant (kernels); weights go cold below
@@ -196,6 +202,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--runs", type=int, default=5, help="cold runs per strategy (median reported)")
     parser.add_argument("--profile-runs", type=int, default=3)
+    parser.add_argument("--reuse-profile", action="store_true",
+                        help="plan from the layer profile stored in --records instead of measuring it afresh (the "
+                             "CPU's speed drifts between sessions here, and a stale profile mispredicts)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for compute")
     parser.add_argument("--workdir", default="/tmp/morphc-cold-start", help="where weights files go (a real disk)")
     parser.add_argument("--records", default=str(ROOT / "out" / "cold_start" / "records.sqlite"))
@@ -211,7 +220,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with timing_lock():  # one chunk for all models (a few minutes): measuring waits for the lock only once
         for name in args.models:
-            r = bench_model(name, MODELS[name], *prepared[name], db, args.runs, args.profile_runs)
+            r = bench_model(name, MODELS[name], *prepared[name], db, args.runs, args.profile_runs, args.reuse_profile)
             results.append(r)
             print(r["model"], {s: round(v, 1) for s, v in r["median_ms"].items()}, "bound",
                   round(r["bound_ms"], 1), "predicted plan", round(r["predicted_ms"]["plan"], 1), flush=True)

@@ -254,9 +254,9 @@ def cmd_cold_start(args: argparse.Namespace) -> int:
 
     program = load_source(args.source, args.batch_size)
     db = RecordsDB(args.db) if args.db else None
-    weights = write_weights(program, args.weights) if (args.measure or args.run) else None
     if args.measure:
-        assert db is not None and weights is not None
+        assert db is not None
+        weights = write_weights(program, args.weights)
         with console.status("measuring the per-layer profile from the cold state"):
             profile_layers(program, db, weights, runs=args.runs, refresh=True)
     text = f"insert-load-schedule{{strategy={args.strategy},channels={args.channels}}}"
@@ -266,7 +266,7 @@ def cmd_cold_start(args: argparse.Namespace) -> int:
                   f"direct, predicted {plan.predicted_total_ms:.2f} ms (costs: {plan.profile})")
     measured = None
     if args.run:
-        assert weights is not None
+        weights = write_weights(scheduled, args.weights)  # in the plan's layout: its loads one stream
         _, timeline = ColdStartExecutor(scheduled, weights).run(*scheduled.example_inputs, cold=True)
         measured = timeline.rows()
         console.print(f"measured cold first inference: {timeline.total_ms:.2f} ms, read "

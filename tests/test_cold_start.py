@@ -136,6 +136,45 @@ def test_a_lookup_asks_for_all_its_rows_before_it_runs(tmp_path: Path, monkeypat
     assert rows == {1, 5000, 9000, 16000}  # every row once, asked for before the gather
 
 
+def test_a_file_written_for_the_plan_puts_direct_layers_after_the_loads(tmp_path: Path) -> None:
+    """The plan's loads then read one contiguous stream; the same file still runs every other schedule
+    (a group split by the layout is read as several runs) with unchanged outputs."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 5000, 9000, 16000]])
+    program = morphc.lower(Lookup().eval(), ids)
+    scheduled = _schedule(program, options={"layer-profile": _costs_favouring_direct(program)})
+    modes = dict(zip((e[0] for e in scheduled.annotation(LoadPlan).layers), scheduled.annotation(LoadPlan).modes()))
+    assert modes["table"] == "direct" and modes["head"] == "load"
+    weights = write_weights(scheduled, tmp_path / "plan.safetensors")
+    assert [r.name for r in weights.layers] == ["head", "table"]
+    assert weights.by_name["head"].start < weights.by_name["table"].start
+    assert [r.name for r in write_weights(program, tmp_path / "first-use.safetensors").layers] == ["table", "head"]
+    expected = program(ids)["model"]
+    for strategy in STRATEGIES:
+        out, _ = ColdStartExecutor(_schedule(program, strategy), weights).run(ids)
+        assert torch.equal(out["model"], expected), strategy
+    out, _ = ColdStartExecutor(scheduled, weights).run(ids)
+    assert torch.equal(out["model"], expected)
+
+
+def test_contiguous_runs_split_only_at_real_gaps() -> None:
+    r = cold_start.LayerRange
+    a, b, c = r("a", 0, 100, ()), r("b", 128, 200, ()), r("c", 4096, 5000, ())
+    assert [[x.name for x in run] for run in cold_start.contiguous_runs([a, b, c])] == [["a", "b"], ["c"]]
+    assert [[x.name for x in run] for run in cold_start.contiguous_runs([b, a])] == [["b"], ["a"]]
+
+
+def _costs_favouring_direct(program: morphc.Program):
+    """A profile where the table's lookup reads little in place and its load is slow: the plan computes
+    on the table where it lies and loads the head."""
+    from morphc.ir.load_plan import LayerCost, LayerCosts
+
+    layers = group_layers(program)
+    costs = tuple(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, layer.nbytes / 1e6, 0.1,
+                            0.2 if layer.touched_bytes < layer.nbytes // 2 else 10.0) for layer in layers)
+    return LayerCosts(costs, 0.0, "test", "disk", 1.0)
+
+
 def _range(weights: WeightsFile, name: str) -> tuple[int, int]:
     r = weights.by_name[name]
     return r.start, r.end

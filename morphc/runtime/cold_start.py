@@ -3,13 +3,14 @@
 Memory tiers (where weights start, what "load" and "direct access" mean):
 
 - `DiskTier` (CPU): weights in a safetensors file written in load order (`write_weights`: layer by
-  layer, every tensor 64-byte aligned), memory-mapped. A *load* reads the layer's byte range into
-  RAM with one `preadv` on an I/O thread (GIL released, overlapping compute); *direct access*
-  computes on tensors viewing the mapped pages, so only the pages an operator touches are read (an
-  embedding lookup touches its rows). Cold is real: `evict()` drops the file's pages from the page
-  cache with posix_fadvise(POSIX_FADV_DONTNEED) (after fsync; mapped pages cannot be dropped, so
-  every run maps the file afresh and unmaps it after), and `resident_fraction()` checks it with
-  mincore(2) through ctypes.
+  layer, every tensor 64-byte aligned; a scheduled program's loaded layers first and its
+  direct-access layers after them, so its loads are one contiguous stream), memory-mapped. A
+  *load* reads the layer's byte range into RAM with one `preadv` on an I/O thread (GIL released,
+  overlapping compute); *direct access* computes on tensors viewing the mapped pages, so only the
+  pages an operator touches are read (an embedding lookup touches its rows). Cold is real:
+  `evict()` drops the file's pages from the page cache with posix_fadvise(POSIX_FADV_DONTNEED)
+  (after fsync; mapped pages cannot be dropped, so every run maps the file afresh and unmaps it
+  after), and `resident_fraction()` checks it with mincore(2) through ctypes.
 - `HostTier` (GPU): weights in pinned host memory. A *load* copies a layer host->device with
   `non_blocking` copies on a per-channel copy stream; *direct access* hands kernels a device
   pointer to mapped pinned memory, done with stock PyTorch: `torch.cuda.cudart().cudaHostRegister(
@@ -54,6 +55,7 @@ from morphc.errors import MorphcError
 from morphc.ir.load_plan import (
     PREFETCH,
     WAIT,
+    Layer,
     Layers,
     LoadPlan,
     group_layers,
@@ -96,21 +98,36 @@ class LayerRange:
     attrs: tuple[str, ...]
 
 
-def write_weights(program: Program, path: str | Path, layers: Layers | None = None) -> WeightsFile:
-    """Write the program's weights as a safetensors file in load order, 64-byte aligned, synced.
-
-    Layer after layer in first-use order (each layer one contiguous range, read with one call);
-    alignment gaps are filled with small uint8 padding tensors so the file stays valid safetensors.
-    """
+def file_order(program: Program, layers: Layers | None = None) -> list[Layer]:
+    """The order layers are written in: first use, except that a scheduled program's direct-access
+    layers go after all its loaded ones. Its loads then read one contiguous stream from the start of
+    the file (a table computed in place would otherwise sit between them: BERT's 94 MB word
+    embeddings come first in first-use order, and the loads had to skip over them)."""
     layers = layers or group_layers(program)
+    plan = program.annotation(LoadPlan)
+    if plan is None or [layer.name for layer in layers] != [e[0] for e in plan.layers]:
+        return list(layers)
+    modes = plan.modes()
+    return [layer for layer, m in zip(layers, modes) if m == "load"] + [
+        layer for layer, m in zip(layers, modes) if m != "load"]
+
+
+def write_weights(program: Program, path: str | Path, layers: Layers | None = None) -> WeightsFile:
+    """Write the program's weights as a safetensors file in load order (`file_order`), 64-byte aligned, synced.
+
+    Layer after layer (each layer one contiguous range, read with one call); alignment gaps are
+    filled with small uint8 padding tensors so the file stays valid safetensors. Any file written
+    from the program runs any schedule of it; the one written from the scheduled program reads fastest.
+    """
+    ordered = file_order(program, layers)
     path = Path(path)
-    order = [a for layer in layers for a in layer.attrs]
+    order = [a for layer in ordered for a in layer.attrs]
     header: dict[str, Any] = {}
     blobs: list[bytes | torch.Tensor] = []
     offset = 0
     pads = 0
     ranges = []
-    for layer in layers:
+    for layer in ordered:
         start = None
         for attr in layer.attrs:
             t = program.tensor(attr).detach().contiguous()
@@ -256,6 +273,18 @@ def resident_fraction(path: str | Path, start: int = 0, end: int | None = None) 
         mm.close()
 
 
+def contiguous_runs(layers: Sequence[LayerRange]) -> list[list[LayerRange]]:
+    """Split layers into runs that follow each other in the file (alignment padding aside): each run
+    is one read."""
+    runs: list[list[LayerRange]] = []
+    for layer in layers:
+        if runs and 0 <= layer.start - runs[-1][-1].end < ALIGN:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
 def read_bytes() -> int | None:
     """Bytes this process has caused to be read from storage (/proc/self/io), None where unavailable."""
     try:
@@ -335,24 +364,26 @@ class DiskTier:
         return self._base[e.start:e.end].view(e.dtype).view(e.shape)
 
     def load(self, *layers: LayerRange) -> dict[str, torch.Tensor]:
-        """Read consecutive layers' range into their place in the arena with preadv, one call for all of
-        them (on an I/O thread: the GIL is released while reading)."""
+        """Read the layers into their place in the arena with preadv, one call for each run of them that
+        is contiguous in the file (one call for a whole group in a file written for the plan), on an
+        I/O thread: the GIL is released while reading."""
         assert self._fd is not None and self._arena is not None
-        start, end = layers[0].start, layers[-1].end
         base = self.weights.data_start
-        buf = self._arena[start - base:end - base]
-        mv = memoryview(buf.numpy())
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self._fd, [mv[done:]], start + done)
-            if n <= 0:
-                raise ColdStartError(f"short read of layer(s) {[r.name for r in layers]} from '{self.weights.path}'")
-            done += n
+        for run in contiguous_runs(layers):
+            start, end = run[0].start, run[-1].end
+            mv = memoryview(self._arena[start - base:end - base].numpy())
+            done = 0
+            while done < len(mv):
+                n = os.preadv(self._fd, [mv[done:]], start + done)
+                if n <= 0:
+                    raise ColdStartError(f"short read of layer(s) {[r.name for r in run]} from "
+                                         f"'{self.weights.path}'")
+                done += n
         out = {}
         for layer in layers:
             for attr in layer.attrs:
                 e = self.weights.tensors[attr]
-                out[attr] = buf[e.start - start:e.end - start].view(e.dtype).view(e.shape)
+                out[attr] = self._arena[e.start - base:e.end - base].view(e.dtype).view(e.shape)
         return out
 
     def holds(self, t: torch.Tensor) -> bool:
@@ -544,6 +575,11 @@ class ColdStartExecutor:
                 source = weight_source(n.args[0])
                 if source is not None and str(source.target) in sparse_attrs:
                     self._lookups[n] = str(source.target)
+        # attributes computed on where they lie: only these need a view of the tier (a loaded weight's
+        # get_attr only feeds its prefetch, and its wait yields the loaded tensor); making views for all
+        # of MobileNetV2's 314 tensors took the compute thread 1.5 ms before its first operator
+        self._direct_attrs = {a for layer, mode in zip(self.layers, plan.modes()) if mode == "direct"
+                              for a in layer.attrs}
         segment = self.layers.segment_of()
         self._steps: list[tuple[fx.Node, int | None]] = [
             (n, segment.get(n.name) if n.op == "call_function" and not is_schedule_node(n) else None)
@@ -590,6 +626,11 @@ class ColdStartExecutor:
                     load_times[i] = (start, end)
             return out
 
+        # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
+        # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
+        for i, entry in enumerate(plan.layers):
+            if entry[1] == "load" and entry[2] < 0 and groups[i] not in futures:
+                futures[groups[i]] = pools[entry[3]].submit(do_load, groups[i], entry[3])
         direct_dense = [m == "direct" and isinstance(self.tier, DiskTier) and layer.name not in self.tier.sparse
                         for layer, m in zip(self.layers, plan.modes())]
         env: dict[fx.Node, Any] = {}
@@ -613,7 +654,12 @@ class ColdStartExecutor:
                         env[node] = next(placeholders)
                     elif node.op == "get_attr":  # (a tensor no compute reads, e.g. num_batches_tracked, stays)
                         attr = str(node.target)
-                        env[node] = self.tier.view(attr) if attr in self.weights.tensors else self.program.tensor(attr)
+                        if attr in self._direct_attrs:
+                            env[node] = self.tier.view(attr)
+                        elif attr in self.weights.tensors:
+                            env[node] = None  # loaded: its wait yields the tensor
+                        else:
+                            env[node] = self.program.tensor(attr)
                     elif node.target is PREFETCH:
                         g = groups[node.args[2]]
                         if g not in futures:
