@@ -39,7 +39,7 @@ import morphc
 from morphc import zoo
 from morphc.ir.load_plan import LoadPlan, group_layers
 from morphc.passes import PassContext
-from morphc.passes.load_schedule import plan_markdown
+from morphc.passes.load_schedule import plan_markdown, predict_plan
 from morphc.predictors.layer_profile import profile_layers
 from morphc.predictors.records import RecordsDB
 from morphc.predictors.timing_lock import DEFAULT_TIMING_LOCK, timing_lock
@@ -140,6 +140,11 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     resident = statistics.median(t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0)
                                  for t in samples["on-demand"])
     bound = max(must_read / (bw * 1e6), resident)
+    # the same plans re-simulated at the speed the machine had during these rounds (its compute and disk
+    # drift between minutes): separates the planner's model error from the machine's drift
+    profiled = costs.extra.get("resident_compute_ms") or 0.0
+    same_round = costs.at_speed(resident / profiled if profiled > 0 else 1.0, bw)
+    resimulated = {s: predict_plan(plans[s], same_round) for s in STRATEGIES}
     plot = common.RESULTS / f"cold_start_{name}.png"
     plot_timelines(name, {s: median_runs[s] for s in ("pipeline", "plan")}, plans["plan"], plot)
     (common.RESULTS / f"cold_start_{name}_plan.md").write_text(
@@ -154,10 +159,21 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
         "bound_ms": bound, "median_ms": med, "runs": runs,
         "all_ms": {s: [t.total_ms for t in tls] for s, tls in samples.items()},
         "predicted_ms": {s: plans[s].predicted_total_ms for s in STRATEGIES},
+        "predicted_at_run_speed_ms": resimulated, "profile_resident_compute_ms": profiled,
         "read_mb": {s: statistics.median((t.read_bytes or 0) / 1e6 for t in tls) for s, tls in samples.items()},
         "plan_direct_layers": [e[0] for e in plans["plan"].layers if e[1] == "direct"],
+        "breakdown": {s: breakdown(t) for s, t in median_runs.items()},
+        "plan_is_pipeline": plans["plan"].layers == plans["pipeline"].layers,
         "load_average": [load_start, load_end], "plot": plot.name,
     }
+
+
+def breakdown(t: Timeline) -> dict[str, float]:
+    """Where a run's time went: when compute began, how long it computed and stalled, when reads ended."""
+    return {"first_compute_ms": min((x.compute_start_ms for x in t.layers), default=0.0),
+            "compute_ms": sum(x.compute_end_ms - x.compute_start_ms for x in t.layers),
+            "stalled_ms": sum(x.wait_ms for x in t.layers),
+            "reads_end_ms": max((x.load_end_ms for x in t.layers), default=0.0), "total_ms": t.total_ms}
 
 
 def report(results: list[dict[str, Any]]) -> str:
@@ -169,7 +185,8 @@ def report(results: list[dict[str, Any]]) -> str:
             f"{r['cold_read_gbs']:.2f} ({r['layer_by_layer_read_gbs'] or 0:.2f})",
             f"{r['resident_compute_ms']:.1f}", f"{r['bound_ms']:.1f}",
             *(f"{m[s]:.1f}" for s in STRATEGIES),
-            f"{m['plan'] / r['bound_ms']:.2f}", f"{m['pipeline'] / m['plan']:.2f}",
+            f"{m['plan'] / r['bound_ms']:.2f}",
+            f"{m['pipeline'] / m['plan']:.2f}" + (" (same schedule)" if r["plan_is_pipeline"] else ""),
             f"{m['on-demand'] / m['plan']:.2f} (bound {m['on-demand'] / r['bound_ms']:.2f})",
             f"{p['plan']:.1f} ({(p['plan'] - m['plan']) / m['plan'] * 100:+.0f}%)",
         ])
@@ -177,16 +194,24 @@ def report(results: list[dict[str, Any]]) -> str:
               *(f"{s} ms" for s in STRATEGIES), "plan / bound", "pipeline / plan", "on-demand / plan",
               "plan predicted ms (err)"]
     md = [common.markdown_table(header, rows), ""]
-    pred_rows = [[r["model"], *(f"{r['predicted_ms'][s]:.1f} / {r['median_ms'][s]:.1f}" for s in STRATEGIES)]
-                 for r in results]
-    md += ["Predicted / measured first inference (ms) for every strategy:", "",
-           common.markdown_table(["model", *STRATEGIES], pred_rows), ""]
+    pred_rows = [[r["model"], *(f"{r['predicted_ms'][s]:.1f} ({r['predicted_at_run_speed_ms'][s]:.1f}) / "
+                                f"{r['median_ms'][s]:.1f}" for s in STRATEGIES),
+                  f"{r['profile_resident_compute_ms']:.1f} / {r['resident_compute_ms']:.1f}"] for r in results]
+    md += ["Predicted (re-simulated at the speed of the runs' rounds) / measured first inference (ms) for every "
+           "strategy. The profile is measured just before the runs, but this VM's CPU speed drifts within minutes; "
+           "the second figure simulates the same plan with the profile's compute times scaled to the resident "
+           "compute measured in the runs' rounds and loads at the bound's streaming rate:", "",
+           common.markdown_table(["model", *STRATEGIES, "resident compute ms: profile / rounds"], pred_rows), ""]
     read_rows = [[r["model"], *(f"{r['read_mb'][s]:.1f} in {r['reads'][s]}" for s in STRATEGIES)] for r in results]
     md += ["MB read from storage during a cold run (/proc/self/io, median), in how many reads the plan groups them:",
            "", common.markdown_table(["model", *STRATEGIES], read_rows), "",
            "Measured profile facts the planner used: " + "; ".join(
                f"{r['model']}: {r['read_overhead_ms']:.3f} ms per read, compute {r['overlap_slowdown']:.2f}x slower "
                "while loads stream in" for r in results), ""]
+    md += ["Where the median run's time went (ms): compute began / computed / stalled on reads / reads ended:", "",
+           common.markdown_table(["model", *STRATEGIES], [[r["model"], *(
+               "{first_compute_ms:.1f} / {compute_ms:.1f} / {stalled_ms:.1f} / {reads_end_ms:.1f}".format(
+                   **r["breakdown"][s]) for s in STRATEGIES)] for r in results]), ""]
     for r in results:
         md += [f"## {r['model']}", "", f"- settings: {r['settings'] or 'zoo defaults'}, batch 1, {r['runs']} cold runs "
                f"per strategy, interleaved; all runs (ms): {r['all_ms']}",

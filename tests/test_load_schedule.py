@@ -37,6 +37,7 @@ from morphc.passes.load_schedule import (
     InsertLoadSchedule,
     export_plan,
     make_schedule,
+    predict_plan,
     simulate,
 )
 from morphc.predictors.records import RecordsDB, device_fingerprint
@@ -390,6 +391,25 @@ def test_grouping_saves_read_overheads_and_stays_valid() -> None:
     assert plan_problems(grouped.strategy, grouped.channels, entries, grouped.timeline) == []
     on_demand = make_schedule(costs, "on-demand")
     assert set(on_demand.groups) == {0}  # everything in one read
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_chosen_plan_is_re_simulated_under_other_costs(strategy: str, bert) -> None:
+    """predict_plan reproduces the planner's own prediction under its costs, and follows the machine's
+    speed: twice slower compute or a faster disk move it the right way."""
+    program, _ = bert
+    costs = _fake_profile(program, direct_first=False)
+    plan = _schedule(program, f"insert-load-schedule{{strategy={strategy}}}",
+                     options={"layer-profile": costs}).annotation(LoadPlan)
+    assert predict_plan(plan, costs) == pytest.approx(plan.predicted_total_ms, rel=1e-5)
+    assert predict_plan(plan, costs.at_speed(1.0)) == pytest.approx(plan.predicted_total_ms, rel=1e-5)
+    compute = sum(c.compute_ms for c in costs.layers)
+    assert predict_plan(plan, costs.at_speed(2.0)) >= plan.predicted_total_ms + 0.99 * compute
+    if strategy != "direct":
+        assert predict_plan(plan, costs.at_speed(1.0, bandwidth_gbs=1e-3)) > plan.predicted_total_ms
+    other = LayerCosts(costs.layers[1:], 0.0, "measured", "disk", 1.0)
+    with pytest.raises(PassOptionError, match="other layers"):
+        predict_plan(plan, other)
 
 
 def test_plan_problems_name_a_broken_group() -> None:

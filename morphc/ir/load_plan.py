@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -284,6 +284,18 @@ class LayerCosts:
         data = dict(data)
         layers = tuple(LayerCost(**c) for c in data.pop("layers"))
         return cls(layers=layers, **data)
+
+    def at_speed(self, compute_scale: float = 1.0, bandwidth_gbs: float | None = None) -> LayerCosts:
+        """These costs on the same machine at another speed: compute times times `compute_scale`, loads
+        at another streaming rate (the per-read overhead kept; direct times, which include their reads,
+        scale as compute). For comparing a prediction with runs
+        taken while a shared machine ran faster or slower than when it was profiled."""
+        bw = self.bandwidth_gbs if bandwidth_gbs is None else bandwidth_gbs
+        reload = bandwidth_gbs is not None and bandwidth_gbs > 0
+        layers = tuple(replace(c, compute_ms=c.compute_ms * compute_scale, direct_ms=c.direct_ms * compute_scale,
+                               load_ms=self.read_overhead_ms + c.nbytes / (bw * 1e6) if reload else c.load_ms)
+                       for c in self.layers)
+        return replace(self, layers=layers, prologue_ms=self.prologue_ms * compute_scale, bandwidth_gbs=bw)
 
     def check_matches(self, layers: Layers) -> list[str]:
         """Problems using this profile for these layers (empty when it fits)."""

@@ -205,6 +205,17 @@ def _simulate_grouped(costs: LayerCosts, modes: Sequence[str], issue: Sequence[i
     return simulate(grouped_costs(costs, groups), modes, issue, chan, channels, barrier=barrier)
 
 
+def predict_plan(plan: LoadPlan, costs: LayerCosts) -> float:
+    """The first-inference time (ms) a chosen plan would take under other costs (the same machine
+    at another speed, another disk): its modes, issue points, channels and read groups simulated as
+    the planner does."""
+    if [c.name for c in costs.layers] != [e[0] for e in plan.layers]:
+        raise PassOptionError("predict_plan: the costs describe other layers than the plan's")
+    _, total = _simulate_grouped(costs, plan.modes(), [e[2] for e in plan.layers], [e[3] for e in plan.layers],
+                                 max(1, plan.channels), plan.groups(), barrier=plan.strategy == "on-demand")
+    return total
+
+
 def _merge_loads(costs: LayerCosts, modes: Sequence[str], issue: Sequence[int], chan: Sequence[int],
                  channels: int, barrier: bool) -> tuple[list[int], tuple[tuple[float, ...], ...], float]:
     """Group consecutive loads into single reads (PipeSwitch's grouped transmission), greedily from the

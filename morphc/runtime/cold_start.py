@@ -540,8 +540,11 @@ class Timeline:
 class ColdStartExecutor:
     """Runs a Program scheduled by `insert-load-schedule` from the cold state; see the module docstring."""
 
-    def __init__(self, program: Program, weights: WeightsFile | str | Path, *, device: str = "cpu") -> None:
+    def __init__(self, program: Program, weights: WeightsFile | str | Path, *, device: str = "cpu",
+                 pin_threads: bool = True) -> None:
         plan = program.annotation(LoadPlan)
+        # compute on the first CPUs, I/O threads on the others, when there are CPUs for both
+        self.pin_threads = pin_threads
         if plan is None:
             raise ColdStartError("the program has no load plan: run the 'insert-load-schedule' pass on it first")
         self.program = program
@@ -585,6 +588,16 @@ class ColdStartExecutor:
             (n, segment.get(n.name) if n.op == "call_function" and not is_schedule_node(n) else None)
             for n in program.graph.nodes]
 
+    def _cpus(self) -> tuple[set[int], set[int]]:
+        """(compute CPUs, I/O CPUs) when the threads are pinned apart, else two empty sets."""
+        if not self.pin_threads or not hasattr(os, "sched_setaffinity"):
+            return set(), set()
+        cpus = sorted(os.sched_getaffinity(0))
+        threads = max(1, torch.get_num_threads())
+        if len(cpus) <= threads:
+            return set(), set()
+        return set(cpus[:threads]), set(cpus[threads:])
+
     def run(self, *inputs: torch.Tensor, cold: bool = True) -> tuple[dict[str, torch.Tensor], Timeline]:
         """One first inference: evict (cold=True), then run with the plan; returns outputs and the timeline."""
         self.program.check_inputs(inputs)
@@ -597,7 +610,13 @@ class ColdStartExecutor:
         waited = [0.0] * n
         futures: dict[int, Future[dict[str, torch.Tensor]]] = {}
         loaded: dict[int, dict[str, torch.Tensor]] = {}
-        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}") for c in range(channels)]
+        compute_cpus, io_cpus = self._cpus()
+        if compute_cpus:
+            affinity = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, compute_cpus)  # this (the compute) thread only
+        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}",
+                                    initializer=os.sched_setaffinity if io_cpus else None,
+                                    initargs=(0, io_cpus) if io_cpus else ()) for c in range(channels)]
         for pool in pools:  # start the I/O threads now: a cold model's server has them running already
             pool.submit(int).result()
         lock = threading.Lock()
@@ -709,6 +728,8 @@ class ColdStartExecutor:
                 for f in futures.values():
                     f.result()
         finally:
+            if compute_cpus:
+                os.sched_setaffinity(0, affinity)
             sys.setswitchinterval(switch)
             for pool in pools:
                 pool.shutdown(wait=True)
