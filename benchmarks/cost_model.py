@@ -113,6 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", default=str(RESULTS / "cost_model.sqlite"))
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--members", type=int, default=None, help="ensemble members (default: the shipped model's)")
     parser.add_argument("--out", default="cost_model")
     parser.add_argument("--checkpoint", default=None,
                         help="also train on every stable sample (all families, all configs) and save the checkpoint "
@@ -122,7 +123,9 @@ def main() -> int:
     load_start = load_average()
 
     from morphc.predictors.corpus import HELD_OUT_FAMILIES
-    from morphc.predictors.cost_model import TrainItem, make_query, train
+    from morphc.predictors.cost_model import DEFAULT_MEMBERS, NODE_LOSS, TrainItem, make_query, train
+
+    args.members = args.members or DEFAULT_MEMBERS
     from morphc.predictors.dataset import load_samples
 
     all_samples = load_samples(args.db)
@@ -133,7 +136,7 @@ def main() -> int:
           f"(a) {len(test_a)}, (b) {len(test_b)}")
     t0 = time.time()
     model, losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in train_s],
-                          steps=args.steps)
+                          steps=args.steps, members=args.members)
     train_s_time = time.time() - t0
 
     results: dict[str, Any] = {"samples": len(samples), "unstable_left_out": dropped, "train": len(train_s),
@@ -193,12 +196,13 @@ def main() -> int:
     _plot(preds, plot)
     body = _report(results, plot.name)
     path = write_results(args.out, title="Latency cost model: predicted vs measured", results=results, body_md=body,
-                         settings={"db": args.db, "steps": args.steps, "seed": 0}, load_at_start=load_start)
+                         settings={"db": args.db, "steps": args.steps, "seed": 0, "members": args.members,
+                                   "node_loss": NODE_LOSS}, load_at_start=load_start)
     print(body)
     print(f"wrote {path}")
     if args.checkpoint:
         full, full_losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in samples],
-                                  steps=args.steps)
+                                  steps=args.steps, members=args.members)
         full.meta["trained"]["db"] = Path(args.db).name
         full.meta["trained"]["statistic"] = "p10_ms"
         full.save(args.checkpoint)

@@ -178,7 +178,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_train_cost_model(args: argparse.Namespace) -> int:
     """Train the GNN cost model on a records DB of corpus measurements and save a checkpoint."""
-    from morphc.predictors.cost_model import TrainItem, train
+    from morphc.predictors.cost_model import DEFAULT_MEMBERS, TrainItem, train
     from morphc.predictors.dataset import load_samples
 
     samples = [s for s in load_samples(args.db) if not s.unstable]
@@ -186,7 +186,8 @@ def cmd_train_cost_model(args: argparse.Namespace) -> int:
         raise MorphcError(f"'{args.db}' holds no corpus measurements for this machine; collect them with "
                           "`morphc profile --corpus --db ...`")
     model, losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in samples],
-                          steps=args.steps, seed=args.seed)
+                          steps=args.steps, seed=args.seed,
+                          members=args.members or DEFAULT_MEMBERS)
     model.meta["trained"].update(db=Path(args.db).name, statistic="p10_ms")
     path = model.save(args.output)
     console.print(f"trained on {len(samples)} samples, final loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("-o", "--output", default=".morphc/cost-model.npz")
     tc.add_argument("--steps", type=int, default=3000)
     tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--members", type=int, default=None,
+                    help="independently seeded networks whose log predictions are averaged (an ensemble; "
+                         "default: as many as the shipped checkpoint has)")
     tc.set_defaults(func=cmd_train_cost_model)
 
     pd = sub.add_parser("predict", help="predict a program's latency with the cost model")

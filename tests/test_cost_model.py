@@ -53,6 +53,21 @@ def test_checkpoint_round_trip(tiny_model: tuple, tmp_path: Path) -> None:
     assert again.meta["feature_schema"] == model.meta["feature_schema"]
 
 
+def test_an_ensemble_averages_its_members_in_log_space(tiny_model: tuple, tmp_path: Path) -> None:
+    """Members differ (own seeds); the ensemble predicts their geometric mean and survives a round trip."""
+    _, _, items = tiny_model
+    ensemble, losses = train(items, hidden=16, layers=2, steps=60, batch_size=8, lr=1e-2, members=2,
+                             show_progress=False)
+    assert len(ensemble.members) == 2 and len(losses) == 60
+    queries = [make_query(it.graph, it.config) for it in items]
+    alone = [cost_model.CostModel((m,), ensemble.meta).predict_queries(queries)[0] for m in ensemble.members]
+    assert not np.allclose(alone[0], alone[1])
+    np.testing.assert_allclose(ensemble.predict_queries(queries)[0], np.sqrt(alone[0] * alone[1]), rtol=1e-5)
+    again = load(ensemble.save(tmp_path / "ensemble.npz"))
+    assert len(again.members) == 2
+    np.testing.assert_allclose(again.predict_queries(queries)[0], ensemble.predict_queries(queries)[0], rtol=1e-6)
+
+
 def _rewrite(path: Path, out: Path, edit_meta: dict | None = None, edit_array: str | None = None) -> Path:
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
@@ -83,6 +98,10 @@ def test_bad_checkpoints_are_refused(tiny_model: tuple, tmp_path: Path) -> None:
         load(_rewrite(good, tmp_path / "version.npz", {"version": 99}))
     with pytest.raises(CostModelError, match="non-finite values"):
         load(_rewrite(good, tmp_path / "nan.npz", edit_array="p0"))
+    with pytest.raises(CostModelError, match="declares 0 ensemble members"):
+        load(_rewrite(good, tmp_path / "members.npz", {"members": 0}))
+    with pytest.raises(CostModelError, match="of member 1 is missing"):
+        load(_rewrite(good, tmp_path / "member.npz", {"members": 2}))
     with pytest.raises(CostModelError, match=r"parameter .* has shape \[16\], expected \[32\]"):
         load(_rewrite(good, tmp_path / "shape.npz", {"hidden": 32}))
     no_meta = tmp_path / "nometa.npz"
