@@ -323,7 +323,13 @@ class DiskTier:
         if cold:
             self.weights.evict()
         self._fd = os.open(self.weights.path, os.O_RDONLY)
-        self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)  # private: tensors may be written, file not
+        # the map gets its own open file (a dup would share the loads' read-ahead state with the faults
+        # and WILLNEED requests of direct access at the other end of the file)
+        map_fd = os.open(self.weights.path, os.O_RDONLY)
+        try:
+            self._mm = mmap.mmap(map_fd, 0, access=mmap.ACCESS_COPY)  # private: tensors may be written, file not
+        finally:
+            os.close(map_fd)
         # no speculative read-around (read_ahead_kb may be MBs, and it reads *around* a fault, into the
         # neighbouring layers): a sparse lookup reads only its pages, a dense layer asks for its range
         self._mm.madvise(mmap.MADV_RANDOM)
