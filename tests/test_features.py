@@ -16,6 +16,7 @@ from morphc.predictors.features import (
     graph_features,
     node_features,
     runtime_matrix,
+    work_flops,
 )
 from morphc.predictors.spaces import CpuConfig
 
@@ -70,6 +71,22 @@ def test_conv_attributes_and_param_bytes() -> None:
     assert (kernel, stride, groups) == (9.0, 1.0, 8.0)
     assert graph.numeric[convs[0], 2] == (8 * 3 * 9 + 8) * 4  # weight + bias bytes
     assert graph.numeric[convs[0], 0] > 0  # FLOPs
+
+
+def test_pooling_counts_one_operation_per_window_element() -> None:
+    """FlopCounterMode leaves pools at 0 FLOPs; a 3x3 stride-1 pool does 9 operations per output,
+    four times the outputs of the same pool with stride 2."""
+    x = torch.randn(1, 4, 16, 16)
+    work = {}
+    for stride in (1, 2):
+        graph = extract(morphc.lower(nn.MaxPool2d(3, stride, 1).eval(), x))
+        i = graph.ops.index("max_pool2d")
+        assert graph.numeric[i, 0] == 0  # not counted by the FLOP counter
+        work[stride] = work_flops(graph)[i]
+    assert work[1] == 9 * 4 * 16 * 16
+    assert work[2] == 9 * 4 * 8 * 8
+    plain = extract(_program())
+    np.testing.assert_array_equal(work_flops(plain), plain.numeric[:, 0])  # other operators: their FLOPs
 
 
 def test_batch_scaling_matches_a_program_lowered_at_that_batch() -> None:

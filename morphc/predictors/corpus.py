@@ -73,6 +73,30 @@ class PlainCNN(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+POOLS = {"max2s2": lambda: nn.MaxPool2d(2), "max3s2": lambda: nn.MaxPool2d(3, 2, 1),
+         "max3s1": lambda: nn.MaxPool2d(3, 1, 1), "avg2s2": lambda: nn.AvgPool2d(2),
+         "avg3s1": lambda: nn.AvgPool2d(3, 1, 1)}
+
+
+class PoolCNN(nn.Module):
+    """Conv-BN-ReLU blocks each followed by a pooling layer of one kind (max/avg, window 2 or 3, stride
+    1 or 2): pooling's cost follows its window and stride, which the other families vary little."""
+
+    def __init__(self, depth: int, width: int, pool: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for i in range(depth):
+            c = min(width * 2 ** (i // 2), 128)
+            layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), POOLS[pool]()]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
 def _image(batch: int, size: int) -> tuple[torch.Tensor, ...]:
     return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),)
 
@@ -106,6 +130,8 @@ def _variants() -> list[Variant]:
         add("mlp", s, lambda b, s=s: (MLP(**s).eval(), (torch.randn(b, s["d_in"]),)))
     for s in _sample({"depth": (2, 4, 6), "width": (8, 16, 32), "kernel": (3, 5), "image": (32, 48, 64)}, 12, 2):
         add("vgg", s, lambda b, s=s: (PlainCNN(s["depth"], s["width"], s["kernel"]).eval(), _image(b, s["image"])))
+    for s in _sample({"depth": (2, 3, 4), "width": (8, 16, 32), "pool": tuple(POOLS), "image": (32, 48)}, 10, 19):
+        add("poolcnn", s, lambda b, s=s: (PoolCNN(s["depth"], s["width"], s["pool"]).eval(), _image(b, s["image"])))
     for s in _sample({"width": (8, 16, 24, 32), "image_size": (32, 48, 64)}, 8, 3):
         add("resblock", s, lambda b, s=s: _zoo("resnet_block_cnn", b, **s))
     for s in _sample({"width": (8, 16, 32), "image_size": (32, 48)}, 6, 4):
