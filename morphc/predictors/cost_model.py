@@ -410,11 +410,11 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
 
     Why a per-operator loss (`node_loss`): where a program's operators were profiled, each node's own
     predicted time plus the profiler's own per-operator cost (learned: `LatencyGNN.probe_log_ms`) is
-    also fitted to its measured time (log ms above `NODE_FLOOR_MS`). End-to-end
-    latencies only say how the node times add up; operator times say which operator costs what, and
-    an unseen family is a new mix of known operators (nn-Meter's kernel-level insight). Measured on
-    the benchmark's splits (one seed): 0.2 took held-out configs from 5.0% to 4.2% MAPE and held-out
-    families from 13.9% to 12.1%; 1.0 helped GPT-2 further but made MobileNetV2 worse (18.6%).
+    also fitted to its measured time (log ms above `NODE_FLOOR_MS`). End-to-end latencies only say how
+    the node times add up; operator times say which operator costs what, and an unseen family is a new
+    mix of known operators (nn-Meter's kernel-level insight). Measured on the benchmark's splits (one
+    seed): 0.2 took held-out configs from 5.0% to 4.2% MAPE and held-out families from 13.9% to 12.1%
+    (10.2% with the profiler term); 1.0 made MobileNetV2 worse (12-19%).
 
     Why an ensemble: the members disagree most where the data says least (an unseen operator mix, a
     batch size between measured ones); averaging their log predictions cancels much of that variance.
@@ -439,7 +439,7 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
             "device_kind": "cpu", "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                        "members": members, "groups": sorted({it.group for it in items}),
+                        "members": members, "node_loss": node_loss, "groups": sorted({it.group for it in items}),
                         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}}
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
