@@ -5,6 +5,7 @@ records database, and the GPU tier up to the edge this machine allows (no GPU he
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,31 @@ def test_executor_errors_name_the_problem(mlp, tmp_path: Path) -> None:
         WeightsFile(tmp_path / "bad.safetensors")
     with pytest.raises(morphc.InputMismatchError):
         ColdStartExecutor(scheduled, weights).run(torch.randn(3, 512))
+
+
+def test_pinned_threads_leave_the_callers_cpus_as_they_were(mlp, monkeypatch) -> None:
+    """The compute thread is pinned only for the run: after it, and after a failed start, the caller
+    runs on the CPUs it had."""
+    program, weights = mlp
+    before = os.sched_getaffinity(0)
+    first = min(before)
+    exe = ColdStartExecutor(_schedule(program, "pipeline"), weights)
+    monkeypatch.setattr(exe, "_cpus", lambda: ({first}, (set(before) - {first}) or {first}))
+    pinned: list[set[int] | None] = []
+    real = cold_start._pin_this_thread
+    monkeypatch.setattr(cold_start, "_pin_this_thread", lambda cpus: (pinned.append(cpus), real(cpus))[1])
+    x = program.example_inputs[0]
+    out, _ = exe.run(x)
+    assert torch.equal(out["model"], program(x)["model"])
+    assert {first} in pinned and os.sched_getaffinity(0) == before
+
+    def broken(cold: bool) -> None:
+        raise RuntimeError("the tier could not start")
+
+    monkeypatch.setattr(exe.tier, "begin", broken)
+    with pytest.raises(RuntimeError, match="could not start"):
+        exe.run(x)
+    assert os.sched_getaffinity(0) == before
 
 
 def test_read_bytes_counts_this_process() -> None:

@@ -617,16 +617,19 @@ class ColdStartExecutor:
         futures: dict[int, Future[dict[str, torch.Tensor]]] = {}
         loaded: dict[int, dict[str, torch.Tensor]] = {}
         compute_cpus, io_cpus = self._cpus()
-        if compute_cpus:
-            affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, compute_cpus)  # this (the compute) thread only
-        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}",
-                                    initializer=os.sched_setaffinity if io_cpus else None,
-                                    initargs=(0, io_cpus) if io_cpus else ()) for c in range(channels)]
-        for pool in pools:  # start the I/O threads now: a cold model's server has them running already
-            pool.submit(int).result()
+        affinity = _pin_this_thread(compute_cpus)
+        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}", initializer=_pin_this_thread,
+                                    initargs=(io_cpus,)) for c in range(channels)]
+        try:
+            for pool in pools:  # start the I/O threads now: a cold model's server has them running already
+                pool.submit(int).result()
+            self.tier.begin(cold)
+        except BaseException:
+            _pin_this_thread(affinity)
+            for pool in pools:
+                pool.shutdown(wait=False)
+            raise
         lock = threading.Lock()
-        self.tier.begin(cold)
         switch = sys.getswitchinterval()
         # the I/O thread needs the GIL for a moment between reads: with the default 5 ms switch interval
         # it would wait behind the compute thread's Python dispatch; 0.2 ms keeps the channel busy
@@ -734,8 +737,7 @@ class ColdStartExecutor:
                 for f in futures.values():
                     f.result()
         finally:
-            if compute_cpus:
-                os.sched_setaffinity(0, affinity)
+            _pin_this_thread(affinity)
             sys.setswitchinterval(switch)
             for pool in pools:
                 pool.shutdown(wait=True)
@@ -759,6 +761,19 @@ class ColdStartExecutor:
         timeline = Timeline(plan.strategy, self.tier.name, total, prologue_start, prologue_end, tuple(timings),
                             None if rb0 is None or rb1 is None else rb1 - rb0, cold)
         return outputs, timeline
+
+
+def _pin_this_thread(cpus: set[int] | None) -> set[int] | None:
+    """Run the calling thread on `cpus` (nothing when empty or None); returns the CPUs it ran on before,
+    None when it was not pinned. Pinning only helps timings: a refusal (a cpuset) leaves it as it was."""
+    if not cpus:
+        return None
+    try:
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)  # 0: this thread
+    except OSError:
+        return None
+    return before
 
 
 def _source(node: fx.Node) -> fx.Node:
