@@ -139,8 +139,7 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     bw = max(statistics.median(bulk), costs.bandwidth_gbs)
     # compute with the weights resident, in the same rounds: the on-demand runs compute after their one read
     # (the profile's figure was taken minutes earlier, and this VM's CPU speed drifts between sessions)
-    resident = statistics.median(t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0)
-                                 for t in samples["on-demand"])
+    resident = statistics.median(t.after_reads_ms for t in samples["on-demand"])
     bound = max(must_read / (bw * 1e6), resident)
     # the same plans re-simulated at the speed the machine had during these rounds (its compute and disk
     # drift between minutes): separates the planner's model error from the machine's drift
@@ -175,7 +174,7 @@ def breakdown(t: Timeline) -> dict[str, float]:
     return {"first_compute_ms": min((x.compute_start_ms for x in t.layers), default=0.0),
             "compute_ms": sum(x.compute_end_ms - x.compute_start_ms for x in t.layers),
             "stalled_ms": sum(x.wait_ms for x in t.layers),
-            "reads_end_ms": max((x.load_end_ms for x in t.layers), default=0.0), "total_ms": t.total_ms}
+            "reads_end_ms": t.reads_end_ms, "total_ms": t.total_ms}
 
 
 def report(results: list[dict[str, Any]]) -> str:

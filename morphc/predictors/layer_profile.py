@@ -73,7 +73,7 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     bulk = statistics.median(on_demand.weights.cold_read_gbs() for _ in range(3))
     streaming = max(bulk, bandwidth)
     overhead = _read_overhead_ms(span, layers.nbytes, len(layers), streaming)
-    resident = med([t.total_ms - max((x.load_end_ms for x in t.layers), default=0.0) for t in od_runs])
+    resident = med([t.after_reads_ms for t in od_runs])
     direct_total = med([t.total_ms - max(0.0, t.prologue_end_ms - t.prologue_start_ms) for t in dr_runs])
     # A layer's own measured read time is distorted by the kernel's read-ahead (a layer the previous read
     # already pulled in reads from the cache, the one after pays for both): a layer's load is overhead +
@@ -117,7 +117,7 @@ def _overlap_slowdown(runs: list[Timeline], costs: list[LayerCost]) -> float:
     with the weights resident: the median over runs of measured / resident compute of those layers."""
     ratios = []
     for run in runs:
-        last = max((t.load_end_ms for t in run.layers), default=0.0)
+        last = run.reads_end_ms
         idx = [i for i, t in enumerate(run.layers) if t.compute_end_ms <= last]
         resident = sum(costs[i].compute_ms for i in idx)
         if resident > 0:

@@ -534,6 +534,16 @@ class Timeline:
     def rows(self) -> list[tuple[float, float, float, float]]:
         return [(t.load_start_ms, t.load_end_ms, t.compute_start_ms, t.compute_end_ms) for t in self.layers]
 
+    @property
+    def reads_end_ms(self) -> float:
+        """When the last load finished (0 when nothing was loaded)."""
+        return max((t.load_end_ms for t in self.layers), default=0.0)
+
+    @property
+    def after_reads_ms(self) -> float:
+        """The run's time after its last load: for on-demand, the compute on resident weights."""
+        return self.total_ms - self.reads_end_ms
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [asdict(t) for t in self.layers]
