@@ -246,6 +246,17 @@ def _ops(by_name: dict[str, fx.Node], names: Sequence[str]) -> str:
 # --- per-layer costs -----------------------------------------------------------------------------
 
 
+def io_ms(nbytes: int, gbs: float) -> float:
+    """Time to move `nbytes` at `gbs` GB/s (0 when no rate is known)."""
+    return nbytes / (gbs * 1e6) if gbs > 0 else 0.0
+
+
+def read_ms(nbytes: int, gbs: float, overhead_ms: float) -> float:
+    """The load cost of one read: its fixed overhead plus its bytes at the streaming rate. The one
+    model the measured profile, the analytic estimate and re-simulation at another speed share."""
+    return overhead_ms + io_ms(nbytes, gbs)
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """Measured or estimated costs of one layer, in milliseconds."""
@@ -293,7 +304,7 @@ class LayerCosts:
         bw = self.bandwidth_gbs if bandwidth_gbs is None else bandwidth_gbs
         reload = bandwidth_gbs is not None and bandwidth_gbs > 0
         layers = tuple(replace(c, compute_ms=c.compute_ms * compute_scale, direct_ms=c.direct_ms * compute_scale,
-                               load_ms=self.read_overhead_ms + c.nbytes / (bw * 1e6) if reload else c.load_ms)
+                               load_ms=read_ms(c.nbytes, bw, self.read_overhead_ms) if reload else c.load_ms)
                        for c in self.layers)
         return replace(self, layers=layers, prologue_ms=self.prologue_ms * compute_scale, bandwidth_gbs=bw)
 

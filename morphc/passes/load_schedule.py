@@ -41,9 +41,11 @@ from morphc.ir.load_plan import (
     LoadPlan,
     group_layers,
     group_members,
+    io_ms,
     is_schedule_node,
     layer_profile_key,
     plan_to_json,
+    read_ms,
 )
 from morphc.ir.metadata import META_KEY, MODULE_PATH_KEY
 from morphc.ir.program import Program
@@ -83,10 +85,6 @@ class Schedule:
     groups: tuple[int, ...] = ()  # per layer, the first layer of its load group (-1: direct); () = each alone
 
 
-def _io_ms(nbytes: int, gbs: float) -> float:
-    return nbytes / (gbs * 1e6) if gbs > 0 else 0.0
-
-
 def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int], channel: Sequence[int],
              channels: int, *, barrier: bool = False) -> tuple[tuple[tuple[float, float, float, float], ...], float]:
     """The first-inference timeline of a plan (see the module docstring for the model).
@@ -109,7 +107,7 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
     def load_ms(i: int) -> float:
         c = costs.layers[i]
         base = c.load_ms * (channels if shared and channels > 1 else 1)
-        return base + (_io_ms(c.nbytes, costs.link_gbs) if channel[i] > 0 and not shared else 0.0)
+        return base + (io_ms(c.nbytes, costs.link_gbs) if channel[i] > 0 and not shared else 0.0)
 
     queues = {c: sorted((i for i in range(n) if modes[i] == "load" and channel[i] == c),
                         key=lambda i: (issue_after[i], i)) for c in range(channels)}
@@ -169,10 +167,10 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
             if shared and c.touched_bytes > 0:
                 # one disk: the direct read queues behind the loads in flight, and the kernel reads a
                 # sequential reader's file ahead by up to `readahead_bytes`: those are in flight too
-                serve(0, None, until=t + _io_ms(costs.readahead_bytes, costs.bandwidth_gbs))
+                serve(0, None, until=t + io_ms(costs.readahead_bytes, costs.bandwidth_gbs))
                 start = max(t, free[0])
             end = start + c.direct_ms + c.compute_ms * (slow - 1.0)
-            io = _io_ms(c.touched_bytes, costs.bandwidth_gbs)
+            io = io_ms(c.touched_bytes, costs.bandwidth_gbs)
             if io > 0:
                 injections.append([start, io, 0.0])
             timeline.append((-1.0, -1.0, start, end))
@@ -252,7 +250,7 @@ def _assign_channels(costs: LayerCosts, modes: Sequence[str], channels: int) -> 
         if mode != "load":
             out.append(0)
             continue
-        ends = [busy[k] + c.load_ms + (_io_ms(c.nbytes, costs.link_gbs) if k > 0 else 0.0) for k in range(channels)]
+        ends = [busy[k] + c.load_ms + (io_ms(c.nbytes, costs.link_gbs) if k > 0 else 0.0) for k in range(channels)]
         k = min(range(channels), key=ends.__getitem__)
         busy[k] = ends[k]
         out.append(k)
@@ -323,13 +321,13 @@ def analytic_costs(program: Program, layers: Layers, *, tier: str, bandwidth_gbs
     overhead = NODE_OVERHEAD_MS[tier]
 
     def compute(flops: int, moved: int, nodes: int) -> float:
-        return flops / (gflops * 1e6) + _io_ms(moved, mem) + overhead * nodes
+        return flops / (gflops * 1e6) + io_ms(moved, mem) + overhead * nodes
 
     out = []
     for layer in layers:
         resident = compute(layer.flops, layer.bytes_moved, len(layer.nodes))
-        direct = resident + _io_ms(layer.touched_bytes, bw * DIRECT_EFFICIENCY[tier])
-        load = READ_OVERHEAD_MS[tier] + _io_ms(layer.nbytes, bw)
+        direct = resident + io_ms(layer.touched_bytes, bw * DIRECT_EFFICIENCY[tier])
+        load = read_ms(layer.nbytes, bw, READ_OVERHEAD_MS[tier])
         out.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, resident, direct))
     prologue = compute(layers.prologue_flops, layers.prologue_bytes_moved, len(layers.prologue))
     return LayerCosts(tuple(out), prologue, "analytic", tier, bw, link_gbs or DEFAULT_LINK_GBS,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from morphc.ir.load_plan import LayerCost, LayerCosts, group_layers, layer_profile_key
+from morphc.ir.load_plan import LayerCost, LayerCosts, group_layers, io_ms, layer_profile_key, read_ms
 from morphc.ir.program import Program
 from morphc.passes.load_schedule import PROFILE_KIND, InsertLoadSchedule
 from morphc.passes.manager import PassContext
@@ -84,7 +84,7 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
         # computing on weights that are not resident cannot beat computing on resident ones: a direct
         # time below the resident one is noise (preemption on shared cores), and the planner would chase it
         direct_ms = max(compute, med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in dr_runs]))
-        load = overhead + layer.nbytes / (streaming * 1e6) if streaming > 0 else 0.0
+        load = read_ms(layer.nbytes, streaming, overhead) if streaming > 0 else 0.0
         costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms))
     # Per-layer medians give each layer's share; whole-run medians give the level. On shared cores a
     # preemption lands on a random layer, so a sum of per-layer medians underestimates a typical run:
@@ -109,7 +109,7 @@ def _read_overhead_ms(span_ms: float, nbytes: int, reads: int, bandwidth_gbs: fl
     `bandwidth_gbs`, per read."""
     if reads == 0 or bandwidth_gbs <= 0:
         return 0.0
-    return max(0.0, (span_ms - nbytes / (bandwidth_gbs * 1e6)) / reads)
+    return max(0.0, (span_ms - io_ms(nbytes, bandwidth_gbs)) / reads)
 
 
 def _overlap_slowdown(runs: list[Timeline], costs: list[LayerCost]) -> float:
