@@ -664,11 +664,17 @@ class ColdStartExecutor:
                     load_times[i] = (start, end)
             return out
 
+        def issue(g: int) -> None:
+            """Hand read group `g` to its channel's I/O thread, once."""
+            if g not in futures:
+                channel = plan.layers[g][3]
+                futures[g] = pools[channel].submit(do_load, g, channel)
+
         # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
         # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
         for i, entry in enumerate(plan.layers):
-            if entry[1] == "load" and entry[2] < 0 and groups[i] not in futures:
-                futures[groups[i]] = pools[entry[3]].submit(do_load, groups[i], entry[3])
+            if entry[1] == "load" and entry[2] < 0:
+                issue(groups[i])
         direct_dense = [m == "direct" and isinstance(self.tier, DiskTier) and layer.name not in self.tier.sparse
                         for layer, m in zip(self.layers, plan.modes())]
         env: dict[fx.Node, Any] = {}
@@ -699,10 +705,7 @@ class ColdStartExecutor:
                         else:
                             env[node] = self.program.tensor(attr)
                     elif node.target is PREFETCH:
-                        g = groups[node.args[2]]
-                        if g not in futures:
-                            channel = plan.layers[g][3]
-                            futures[g] = pools[channel].submit(do_load, g, channel)
+                        issue(groups[node.args[2]])
                         env[node] = env[node.args[0]]
                     elif node.target is WAIT:
                         i = node.args[1]
