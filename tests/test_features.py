@@ -16,7 +16,6 @@ from morphc.predictors.features import (
     graph_features,
     node_features,
     runtime_matrix,
-    work_flops,
 )
 from morphc.predictors.spaces import CpuConfig
 
@@ -82,11 +81,11 @@ def test_pooling_counts_one_operation_per_window_element() -> None:
         graph = extract(morphc.lower(nn.MaxPool2d(3, stride, 1).eval(), x))
         i = graph.ops.index("max_pool2d")
         assert graph.numeric[i, 0] == 0  # not counted by the FLOP counter
-        work[stride] = work_flops(graph)[i]
+        work[stride] = graph.work_flops[i]
     assert work[1] == 9 * 4 * 16 * 16
     assert work[2] == 9 * 4 * 8 * 8
     plain = extract(_program())
-    np.testing.assert_array_equal(work_flops(plain), plain.numeric[:, 0])  # other operators: their FLOPs
+    np.testing.assert_array_equal(plain.work_flops, plain.numeric[:, 0])  # other operators: their FLOPs
 
 
 def test_batch_scaling_matches_a_program_lowered_at_that_batch() -> None:

@@ -26,6 +26,7 @@ import math
 import zlib
 from base64 import b64decode, b64encode
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from morphc.ir.program import Program
 from morphc.predictors.spaces import CpuConfig, GpuConfig
 
 OPGRAPH_VERSION = 1
-FEATURE_SCHEMA = "morphc-cost-features-v3"  # v3: pooling windows count as work (work_flops)
+FEATURE_SCHEMA = "morphc-cost-features-v3"  # v3: pooling windows count as work (OpGraph.work_flops)
 
 OP_CLASSES: tuple[str, ...] = tuple(c.value for c in OpClass)
 # Operators frequent enough in inference graphs to get their own one-hot column; the rest share "other".
@@ -58,6 +59,9 @@ VOCAB_COLUMNS = slice(len(OP_CLASSES), len(OP_CLASSES) + N_VOCAB)  # the operato
 GRAPH_DIM = 12
 
 
+WINDOW_OPS = frozenset({"max_pool2d", "avg_pool2d"})  # attr0 is their window size (see _attrs)
+
+
 @dataclass(frozen=True)
 class OpGraph:
     """Raw per-node facts and dataflow edges of one Program (see the module docstring)."""
@@ -74,6 +78,16 @@ class OpGraph:
     @property
     def num_nodes(self) -> int:
         return len(self.ops)
+
+    @cached_property
+    def work_flops(self) -> np.ndarray:
+        """[N] each node's arithmetic work at the graph's own batch: counted FLOPs (torch's FlopCounterMode:
+        matmuls, convolutions, attention), plus one operation per window element for pooling, which the
+        counter leaves at 0. Without it a pool's time could only follow its bytes, and a 3x3 stride-1 pool
+        does 2.5x more work per byte than the 3x3 stride-2 pools the training families have. Computed once
+        per graph: every query's node and graph features read it."""
+        window = np.asarray([op in WINDOW_OPS for op in self.ops], dtype=bool)
+        return self.numeric[:, 0] + np.where(window, self.numeric[:, 3] * self.numeric[:, 5], 0.0)
 
     def to_json(self) -> dict[str, Any]:
         """A compact JSON-able form (zlib + base64) for the records database."""
@@ -183,7 +197,7 @@ def node_features(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.nda
     """[N, NODE_DIM] float32 features; `runtime` is [N, 2] measured op ms at 1 and 2 threads (or None)."""
     batch, ratio, share = _config_values(graph, config)
     num = graph.numeric
-    flops, act, params, numel = work_flops(graph) * ratio, num[:, 1] * ratio, num[:, 2], num[:, 3] * ratio
+    flops, act, params, numel = graph.work_flops * ratio, num[:, 1] * ratio, num[:, 2], num[:, 3] * ratio
     intensity = np.log1p(flops / np.maximum(act + params, 1.0))
     numeric = np.stack([np.log1p(flops) / 20, np.log1p(act) / 20, np.log1p(params) / 20, np.log1p(numel) / 15,
                         num[:, 4] / 4, np.log1p(num[:, 5]) / 5, np.log1p(num[:, 6]) / 5, np.log1p(num[:, 7]) / 5,
@@ -201,19 +215,6 @@ def node_features(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.nda
     return np.concatenate([block, numeric, rt, cfg], axis=1).astype(np.float32)
 
 
-WINDOW_OPS = frozenset({"max_pool2d", "avg_pool2d"})  # attr0 is their window size (see _attrs)
-
-
-def work_flops(graph: OpGraph) -> np.ndarray:
-    """[N] each node's arithmetic work at the graph's own batch: counted FLOPs (torch's FlopCounterMode:
-    matmuls, convolutions, attention), plus one operation per window element for pooling, which the
-    counter leaves at 0. Without it a pool's time could only follow its bytes, and a 3x3 stride-1 pool
-    does 2.5x more work per byte than the 3x3 stride-2 pools the training families have."""
-    num = graph.numeric
-    window = np.asarray([op in WINDOW_OPS for op in graph.ops], dtype=bool)
-    return num[:, 0] + np.where(window, num[:, 3] * num[:, 5], 0.0)
-
-
 def node_work(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
     """[N, 2] float32: each node's GFLOPs and GB moved (activations + parameters) under `config`'s batch.
 
@@ -222,7 +223,7 @@ def node_work(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
     """
     _, ratio, _ = _config_values(graph, config)
     num = graph.numeric
-    return np.stack([work_flops(graph) * ratio / 1e9, (num[:, 1] * ratio + num[:, 2]) / 1e9],
+    return np.stack([graph.work_flops * ratio / 1e9, (num[:, 1] * ratio + num[:, 2]) / 1e9],
                     axis=1).astype(np.float32)
 
 
@@ -234,7 +235,7 @@ def graph_features(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
     heavy = np.isin(classes, ("conv", "linear", "attention")).sum()
     shape_ops = (classes == "shape").sum()
     return np.asarray([
-        np.log1p(work_flops(graph).sum() * ratio) / 20, np.log1p(num[:, 1].sum() * ratio) / 20,
+        np.log1p(graph.work_flops.sum() * ratio) / 20, np.log1p(num[:, 1].sum() * ratio) / 20,
         np.log1p(num[:, 2].sum()) / 20, math.log1p(graph.num_nodes) / 7, math.log1p(len(graph.edges)) / 7,
         math.log1p(heavy) / 5, math.log1p(shape_ops) / 5, graph.n_outputs / 4, math.log2(batch) / 4,
         math.log2(ratio) / 4, 1.0 / share, math.log2(share) / 2,
