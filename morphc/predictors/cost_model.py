@@ -455,11 +455,12 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
                     progress.update(task, completed=k * steps + i + 1, loss=loss,
                                     member=f"{k + 1}/{members}" if members > 1 else "")
 
-            member_losses.append([])
-            trained.append(_train_member(meta, with_rt, without_rt, targets, node_targets, seed + k, steps=steps,
-                                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                         runtime_dropout=runtime_dropout, op_dropout=op_dropout,
-                                         node_loss=node_loss, losses=member_losses[-1], on_step=report))
+            model, losses = _train_member(meta, with_rt, without_rt, targets, node_targets, seed + k, steps=steps,
+                                          batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                          runtime_dropout=runtime_dropout, op_dropout=op_dropout,
+                                          node_loss=node_loss, on_step=report)
+            trained.append(model)
+            member_losses.append(losses)
     losses = [float(v) for v in np.mean(np.asarray(member_losses), axis=0)]
     return CostModel(tuple(trained), meta), losses
 
@@ -467,8 +468,8 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
 def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Query], targets: np.ndarray,
                   node_targets: list[np.ndarray | None], seed: int, *, steps: int, batch_size: int, lr: float,
                   weight_decay: float, runtime_dropout: float, op_dropout: float, node_loss: float,
-                  losses: list[float], on_step: Callable[[int, float], None]) -> LatencyGNN:
-    """One member: AdamW with warm-up and cosine decay on random batches, appending its loss per step."""
+                  on_step: Callable[[int, float], None]) -> tuple[LatencyGNN, list[float]]:
+    """One member: AdamW with warm-up and cosine decay on random batches; the model and its loss per step."""
     rng = np.random.default_rng(seed)
     model = _new_model(meta, seed)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps, lr * 0.02)
@@ -491,6 +492,7 @@ def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Q
 
     n = len(targets)
     bs = min(batch_size, n)
+    losses: list[float] = []
     for i in range(steps):
         idx = rng.choice(n, size=bs, replace=n < bs)
         queries = [with_rt[j] if rng.random() >= runtime_dropout else without_rt[j] for j in idx]
@@ -514,4 +516,4 @@ def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Q
                           jnp.asarray(w), jnp.asarray(y_node), jnp.asarray(w_node)))
         losses.append(loss)
         on_step(i, loss)
-    return model
+    return model, losses
