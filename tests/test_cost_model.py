@@ -166,3 +166,14 @@ def test_cli_profile_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert len(lines) == 2 and all(line.endswith(" ms") and float(line.split()[-2]) > 0 for line in lines)
     assert main(["predict", "zoo:tiny_mlp", "--config", "cores=2"]) == 2
     assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(tmp_path / "none.npz")]) == 2
+
+
+def test_the_per_operator_loss_skips_the_inputs_the_profiler_does_not_time() -> None:
+    """Inputs are never timed (their measured 0 ms is absence, not speed): fitting them would pull the
+    learned profiler cost towards zero and leave it inside every operator's time."""
+    graph = extract(_mlp(8, 2))
+    op_ms = np.where(np.asarray(graph.ops) == "input", 0.0, 0.05)
+    targets = cost_model._node_targets(graph, op_ms)
+    is_input = np.asarray(graph.ops) == "input"
+    assert is_input.any() and np.isnan(targets[is_input]).all()
+    np.testing.assert_allclose(targets[~is_input], np.log(0.05 + cost_model.NODE_FLOOR_MS))

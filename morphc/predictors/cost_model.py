@@ -432,8 +432,7 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
         without_rt.append(q)
         with_rt.append(make_query(it.graph, it.config, it.runtime, block) if it.runtime is not None else q)
         column = min(it.config.threads, 2) - 1  # per-op times were measured at 1 and 2 threads
-        node_targets.append(None if it.runtime is None else
-                            np.log(np.maximum(it.runtime[:, column], 0.0) + NODE_FLOOR_MS))
+        node_targets.append(None if it.runtime is None else _node_targets(it.graph, it.runtime[:, column]))
     targets = np.log(np.asarray([it.latency_ms for it in items], dtype=np.float32))
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
@@ -463,6 +462,14 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
             member_losses.append(losses)
     losses = [float(v) for v in np.mean(np.asarray(member_losses), axis=0)]
     return CostModel(tuple(trained), meta), losses
+
+
+def _node_targets(graph: OpGraph, op_ms: np.ndarray) -> np.ndarray:
+    """Log ms each operator was measured at (above the floor); NaN for the graph's inputs, which the
+    per-operator profiler does not time. Fitting them as zero-time operators would pull the profiler's
+    per-operator cost (`probe_log_ms`) towards zero, leaving its real cost inside the node times."""
+    logged = np.log(np.maximum(op_ms, 0.0) + NODE_FLOOR_MS)
+    return np.where(np.asarray(graph.ops) == "input", np.nan, logged)
 
 
 def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Query], targets: np.ndarray,
@@ -509,8 +516,9 @@ def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Q
         for j, q in zip(idx, queries):
             k = q.x.shape[0]
             if node_loss > 0 and node_targets[j] is not None:
-                y_node[n0:n0 + k] = node_targets[j]
-                w_node[n0:n0 + k] = 1.0
+                timed = np.isfinite(node_targets[j])
+                y_node[n0:n0 + k] = np.where(timed, node_targets[j], 0.0)
+                w_node[n0:n0 + k] = timed
             n0 += k
         loss = float(step(model, optimizer, {k: jnp.asarray(v) for k, v in batch.items()}, g, jnp.asarray(y),
                           jnp.asarray(w), jnp.asarray(y_node), jnp.asarray(w_node)))
