@@ -31,16 +31,22 @@ def main() -> int:
     parser.add_argument("--prepare-only", action="store_true", help="only lower the programs into --cache")
     parser.add_argument("--repeat", type=int, default=0,
                         help="measure the end-to-end latencies again as pass N (1, 2, ...): training learns the median")
+    parser.add_argument("--refresh-op-graphs", action="store_true",
+                        help="only re-extract the stored op graphs (after a new features.OPGRAPH_VERSION); measures nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_grad_enabled(False)
     from morphc.predictors.corpus import VARIANTS
-    from morphc.predictors.dataset import collect_corpus
+    from morphc.predictors.dataset import collect_corpus, refresh_op_graphs
     from morphc.predictors.records import RecordsDB
 
     variants = [v for v in VARIANTS if not args.family or v.family in args.family][: args.limit]
     db = RecordsDB(args.db)
+    if args.refresh_op_graphs:
+        n = refresh_op_graphs(db, variants, cache_dir=args.cache)
+        print(f"re-extracted {n} op graphs in {args.db}")
+        return 0
     n = collect_corpus(db, variants, batches=[int(b) for b in args.batches.split(",")],
                        threads=[int(t) for t in args.threads.split(",")], lock=args.lock, cache_dir=args.cache,
                        prepare_only=args.prepare_only, lock_chunk_s=args.lock_chunk_s, repeat=args.repeat)

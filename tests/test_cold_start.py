@@ -24,6 +24,7 @@ from morphc.runtime.cold_start import (
     ALIGN,
     CUDA_HOST_REGISTER_MAPPED,
     CUDA_HOST_REGISTER_PORTABLE,
+    LAYER_ALIGN,
     ColdStartError,
     ColdStartExecutor,
     WeightsFile,
@@ -73,6 +74,7 @@ def test_weights_file_is_valid_safetensors_in_load_order(mlp) -> None:
     assert [r.name for r in weights.layers] == [layer.name for layer in layers]
     assert all(a.end <= b.start for a, b in zip(weights.layers, weights.layers[1:], strict=False))
     assert all(e.start % ALIGN == 0 for e in weights.tensors.values())
+    assert all(r.start % LAYER_ALIGN == 0 for r in weights.layers)  # O_DIRECT reads one layer, no neighbour
     assert sum(r.end - r.start for r in weights.layers) >= layers.nbytes
 
 
@@ -80,7 +82,8 @@ def test_cold_state_is_truly_cold(mlp) -> None:
     """Evicting empties the page cache for the file; a cold run then reads the weights from storage,
     a warm run right after does not (so the check can tell the two apart)."""
     program, weights = mlp
-    exe = ColdStartExecutor(_schedule(program, "pipeline"), weights)
+    # through the page cache, whose state this checks (cold loads with O_DIRECT never fill it: below)
+    exe = ColdStartExecutor(_schedule(program, "pipeline"), weights, direct_io=False)
     x = program.example_inputs[0]
     exe.run(x, cold=False)
     assert weights.resident_fraction() > 0.99
@@ -96,6 +99,40 @@ def test_cold_state_is_truly_cold(mlp) -> None:
     assert warm.read_bytes < 0.1 * nbytes
 
 
+def test_loads_bypass_the_page_cache_where_the_file_system_allows(mlp) -> None:
+    """With O_DIRECT the disk writes into the arena itself: the same outputs as reads through the page
+    cache, no page of the file left cached by the loads, and every load done that way. Where the file
+    system refuses O_DIRECT (tmpfs), every load falls back to the page cache, with the same outputs."""
+    program, weights = mlp
+    x = program.example_inputs[0]
+    scheduled = _schedule(program, "pipeline")
+    buffered = ColdStartExecutor(scheduled, weights, direct_io=False)
+    expected, _ = buffered.run(x)
+    assert buffered.tier.direct_reads == 0 and buffered.tier.cached_reads > 0
+    direct = ColdStartExecutor(scheduled, weights)
+    out, timeline = direct.run(x)
+    assert torch.equal(out["model"], expected["model"])
+    if cold_start._open_direct(weights.path) is None:
+        assert direct.tier.direct_reads == 0
+        return
+    assert direct.tier.direct_reads > 0 and direct.tier.cached_reads == 0
+    assert weights.resident_fraction() < 0.05  # nothing went through the page cache
+    if timeline.read_bytes is not None:
+        assert timeline.read_bytes >= group_layers(program).nbytes
+
+
+def test_an_o_direct_read_covers_only_padding_past_its_layer(tmp_path: Path) -> None:
+    program = morphc.lower(nn.Sequential(nn.Linear(10, 3), nn.Linear(3, 2)).eval(), torch.randn(1, 10))
+    weights = write_weights(program, tmp_path / "small.safetensors")
+    first, second = weights.layers
+    end = weights.direct_span(first.start, first.end)
+    assert end is not None and end % LAYER_ALIGN == 0 and first.end <= end <= second.start
+    assert weights.direct_span(first.start + ALIGN, first.end) is None  # unaligned start: page cache
+    weight = weights.tensors[first.attrs[0]]
+    assert weight.end < first.end  # the layer's bias follows its weight within the same block
+    assert weights.direct_span(weight.start, weight.end) is None  # rounding up would overwrite the bias
+
+
 def test_direct_access_reads_only_the_touched_pages(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Lookup().eval()
@@ -108,7 +145,8 @@ def test_direct_access_reads_only_the_touched_pages(tmp_path: Path) -> None:
     assert torch.equal(out["model"], program(ids)["model"])
     loaded_fraction = weights.resident_fraction(*_range(weights, "table"))
     assert loaded_fraction < 0.25, f"direct access brought {loaded_fraction:.0%} of the table in"
-    _, on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights).run(ids)
+    # through the page cache, so that residency shows what it read (O_DIRECT leaves no pages behind)
+    _, on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights, direct_io=False).run(ids)
     assert weights.resident_fraction(*_range(weights, "table")) > 0.99
     if timeline.read_bytes is not None:
         assert timeline.read_bytes < 0.25 * table <= on_demand.read_bytes
@@ -160,7 +198,7 @@ def test_a_file_written_for_the_plan_puts_direct_layers_after_the_loads(tmp_path
 
 def test_contiguous_runs_split_only_at_real_gaps() -> None:
     r = cold_start.LayerRange
-    a, b, c = r("a", 0, 100, ()), r("b", 128, 200, ()), r("c", 4096, 5000, ())
+    a, b, c = r("a", 0, 100, ()), r("b", 128, 200, ()), r("c", 8192, 9000, ())
     assert [[x.name for x in run] for run in cold_start.contiguous_runs([a, b, c])] == [["a", "b"], ["c"]]
     assert [[x.name for x in run] for run in cold_start.contiguous_runs([b, a])] == [["b"], ["a"]]
 

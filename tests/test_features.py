@@ -88,6 +88,19 @@ def test_pooling_counts_one_operation_per_window_element() -> None:
     np.testing.assert_array_equal(plain.work_flops, plain.numeric[:, 0])  # other operators: their FLOPs
 
 
+def test_a_pool_window_is_clipped_to_its_padded_input() -> None:
+    """EfficientNet's head pools a 4x4 map with a 1280-wide kernel (ceil_mode): each output reads the 16
+    input elements, not 1280 squared; the stride is kept beside the window."""
+    def window_and_stride(pool: nn.Module, size: int) -> tuple[float, float]:
+        graph = extract(morphc.lower(pool.eval(), torch.randn(1, 4, size, size)))
+        i = next(k for k, op in enumerate(graph.ops) if op.endswith("pool2d"))
+        return graph.numeric[i, 5], graph.numeric[i, 6]
+
+    assert window_and_stride(nn.AvgPool2d(1280, ceil_mode=True), 4) == (16, 1280)
+    assert window_and_stride(nn.MaxPool2d(3, 1, 1), 8) == (9, 1)
+    assert window_and_stride(nn.MaxPool2d(2), 8) == (4, 2)
+
+
 def test_batch_scaling_matches_a_program_lowered_at_that_batch() -> None:
     small, big = extract(_program(batch=2)), extract(_program(batch=8))
     scaled = node_features(small, CpuConfig(threads=1, batch=8))

@@ -164,6 +164,30 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
     return measured
 
 
+def refresh_op_graphs(db: RecordsDB, variants: Sequence[Variant], *, cache_dir: str | Path | None = None,
+                      show_progress: bool = True) -> int:
+    """Extract and store again the op graph of every (variant, batch) already in `db`; returns how many.
+
+    For a new `features.OPGRAPH_VERSION`: the measurements stay valid (the Program and its node
+    order are the same: its fingerprint is checked), only what is extracted from it changed.
+    """
+    todo = [(v, rec) for v in variants for rec in db.query(kind=CORPUS, model=v.name)]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not show_progress) as progress:
+        task = progress.add_task("re-extracting op graphs", total=len(todo))
+        for v, rec in todo:
+            batch = int(rec.config["batch"])
+            program = lowered(v, batch, cache_dir)
+            fp = program_fingerprint(program)
+            if fp != rec.stats["fingerprint"]:
+                raise RecordsError(f"{v.name} at batch {batch} now lowers to program {fp}, but '{db.path}' measured "
+                                   f"{rec.stats['fingerprint']}: its records describe another program; profile it "
+                                   f"again into a new database")
+            db.put(OPGRAPH, fp, STATIC, {}, extract(program).to_json())
+            progress.advance(task)
+    return len(todo)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One measured (program, config) with what training needs."""
@@ -210,7 +234,8 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
             try:
                 graphs[fp] = OpGraph.from_json(g.stats)
             except ValueError as exc:
-                raise RecordsError(f"op graph of {rec.model} in '{db.path}': {exc}") from exc
+                raise RecordsError(f"op graph of {rec.model} in '{db.path}': {exc} (re-extract the stored graphs: "
+                                   f"scripts/collect_cost_model_data.py --refresh-op-graphs)") from exc
         graph = graphs[fp]
         ops = {t: db.get(OP_LATENCY, fp, device, _latency_key(batch, t)) for t in (1, 2)}
         runtime = None

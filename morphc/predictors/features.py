@@ -36,8 +36,8 @@ from morphc.ir.metadata import OpClass, node_meta, op_name
 from morphc.ir.program import Program
 from morphc.predictors.spaces import CpuConfig, GpuConfig
 
-OPGRAPH_VERSION = 1
-FEATURE_SCHEMA = "morphc-cost-features-v3"  # v3: pooling windows count as work (OpGraph.work_flops)
+OPGRAPH_VERSION = 2  # 2: pool windows clipped to the padded input, pool stride as attr1
+FEATURE_SCHEMA = "morphc-cost-features-v4"  # v3: pooling windows count as work; v4: windows clipped to the input
 
 OP_CLASSES: tuple[str, ...] = tuple(c.value for c in OpClass)
 # Operators frequent enough in inference graphs to get their own one-hot column; the rest share "other".
@@ -133,10 +133,30 @@ def _attrs(node: fx.Node, name: str) -> tuple[float, float, float]:
         q, k = _shape(args[0]), _shape(args[1])
         return (float(q[-2]) if len(q) >= 2 else 0.0), (float(k[-2]) if len(k) >= 2 else 0.0), (
             float(q[-1]) if q else 0.0)
-    if name in ("max_pool2d", "avg_pool2d") and len(args) >= 2:
-        k = args[1]
-        return float(math.prod(k) if isinstance(k, (list, tuple)) else k * k), 0.0, 0.0
+    if name in WINDOW_OPS and len(args) >= 2:
+        return _pool_window(node)
     return 0.0, 0.0, 0.0
+
+
+def _pair(value: Any, default: tuple[int, int]) -> tuple[int, int]:
+    if value is None or value == [] or value == ():
+        return default
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[-1]))
+    return (int(value), int(value))
+
+
+def _pool_window(node: fx.Node) -> tuple[float, float, float]:
+    """(elements each output reads, stride, 0) of a max/avg pool. The window is clipped to the padded
+    input: a pool whose kernel exceeds its input (EfficientNet's head pools with a 1280-wide kernel
+    and ceil_mode) reads the whole input once per output, not kernel-squared elements."""
+    kernel = _pair(node.args[1], (1, 1))
+    stride = _pair(node.args[2] if len(node.args) > 2 else None, kernel)
+    padding = _pair(node.args[3] if len(node.args) > 3 else 0, (0, 0))
+    spatial = _shape(node.args[0])[-2:]
+    if len(spatial) == 2:
+        kernel = (min(kernel[0], spatial[0] + 2 * padding[0]), min(kernel[1], spatial[1] + 2 * padding[1]))
+    return float(kernel[0] * kernel[1]), float(stride[0]), 0.0
 
 
 def extract(program: Program) -> OpGraph:

@@ -27,7 +27,7 @@ from morphc.ir.program import Program
 from morphc.passes.load_schedule import PROFILE_KIND, InsertLoadSchedule
 from morphc.passes.manager import PassContext
 from morphc.predictors.records import RecordsDB, device_fingerprint
-from morphc.runtime.cold_start import ColdStartExecutor, Timeline, WeightsFile
+from morphc.runtime.cold_start import ColdStartExecutor, DiskTier, Timeline, WeightsFile
 
 KIND = PROFILE_KIND
 
@@ -41,15 +41,16 @@ def _schedule(program: Program, strategy: str) -> Program:
 
 
 def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, runs: int = 3,
-                        inputs: tuple[torch.Tensor, ...] | None = None) -> LayerCosts:
-    """Measure the per-layer profile of an unscheduled program from the cold state (disk tier)."""
+                        inputs: tuple[torch.Tensor, ...] | None = None, direct_io: bool = True) -> LayerCosts:
+    """Measure the per-layer profile of an unscheduled program from the cold state (disk tier), its
+    loads read as the executor will read them (`direct_io`: O_DIRECT where the file system allows)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     inputs = inputs if inputs is not None else program.example_inputs
     layers = group_layers(program)
-    on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights)
-    direct = ColdStartExecutor(_schedule(program, "direct"), weights)
-    pipeline = ColdStartExecutor(_schedule(program, "pipeline"), weights)
+    on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights, direct_io=direct_io)
+    direct = ColdStartExecutor(_schedule(program, "direct"), weights, direct_io=direct_io)
+    pipeline = ColdStartExecutor(_schedule(program, "pipeline"), weights, direct_io=direct_io)
     on_demand.run(*inputs, cold=False)  # warm the process (kernels, allocator); the weights go cold below
     od_runs: list[Timeline] = []
     dr_runs: list[Timeline] = []
@@ -94,13 +95,17 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     costs = [replace(c, compute_ms=c.compute_ms * scales["compute"],
                      direct_ms=max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
     slowdown = _overlap_slowdown(pl_runs, costs)
+    assert isinstance(on_demand.tier, DiskTier)
+    o_direct = on_demand.tier.direct_reads > 0  # the last cold run's loads bypassed the page cache
     extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
              "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "overlap_slowdown": slowdown,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
-             "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales}
+             "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales,
+             "o_direct": o_direct}
     return LayerCosts(tuple(costs), prologue, "measured", "disk", streaming, 0.0, extra, read_overhead_ms=overhead,
-                      overlap_slowdown=slowdown, readahead_bytes=on_demand.weights.readahead_bytes())
+                      overlap_slowdown=slowdown,  # O_DIRECT reads get no read-ahead from the kernel
+                      readahead_bytes=0 if o_direct else on_demand.weights.readahead_bytes())
 
 
 def _read_overhead_ms(span_ms: float, nbytes: int, reads: int, bandwidth_gbs: float) -> float:
@@ -132,15 +137,16 @@ def _scale(total: float, parts: list[float]) -> float:
 
 
 def profile_layers(program: Program, db: RecordsDB, weights: WeightsFile | str | Path, *, runs: int = 3,
-                   refresh: bool = False) -> LayerCosts:
+                   refresh: bool = False, direct_io: bool = True) -> LayerCosts:
     """The program's layer profile from `db`, measuring and storing it first when missing (or `refresh`)."""
-    config = {"tier": "disk", "threads": torch.get_num_threads(), "runs": runs}
+    config = {"tier": "disk", "threads": torch.get_num_threads(), "runs": runs,
+              "io": "o-direct" if direct_io else "page-cache"}
     key, device = layer_profile_key(program), device_fingerprint("cpu")
     if not refresh:
         record = db.get(KIND, key, device, config)
         if record is not None:
             return LayerCosts.from_json(record.stats)
-    costs = measure_layer_costs(program, weights, runs=runs)
+    costs = measure_layer_costs(program, weights, runs=runs, direct_io=direct_io)
     db.put(KIND, key, device, config, costs.to_json())
     return costs
 

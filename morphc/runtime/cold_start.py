@@ -3,11 +3,13 @@
 Memory tiers (where weights start, what "load" and "direct access" mean):
 
 - `DiskTier` (CPU): weights in a safetensors file written in load order (`write_weights`: layer by
-  layer, every tensor 64-byte aligned; a scheduled program's loaded layers first and its
-  direct-access layers after them, so its loads are one contiguous stream), memory-mapped. A
-  *load* reads the layer's byte range into RAM with one `preadv` on an I/O thread (GIL released,
-  overlapping compute); *direct access* computes on tensors viewing the mapped pages, so only the
-  pages an operator touches are read (an embedding lookup touches its rows). Cold is real:
+  layer, every layer page-aligned, every tensor 64-byte aligned; a scheduled program's loaded layers
+  first and its direct-access layers after them, so its loads are one contiguous stream),
+  memory-mapped. A *load* reads the layer's byte range into RAM with one `preadv` on an I/O thread
+  (GIL released, overlapping compute); from the cold state with O_DIRECT where the file system
+  allows it, so the disk writes straight into the tensors' memory and no CPU copies out of the page
+  cache while the other core computes. *Direct access* computes on tensors viewing the mapped
+  pages, so only the pages an operator touches are read (an embedding lookup touches its rows). Cold is real:
   `evict()` drops the file's pages from the page cache with posix_fadvise(POSIX_FADV_DONTNEED)
   (after fsync; mapped pages cannot be dropped, so every run maps the file afresh and unmaps it
   after), and `resident_fraction()` checks it with mincore(2) through ctypes.
@@ -33,6 +35,7 @@ Baselines are the same executor on programs scheduled with the other strategies 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import gc
@@ -66,7 +69,8 @@ from morphc.ir.load_plan import (
 from morphc.ir.metadata import op_name
 from morphc.ir.program import Program
 
-ALIGN = 64
+ALIGN = 64  # every tensor's start in a weights file
+LAYER_ALIGN = 4096  # every layer's start, and the data section's: a page, and a block for O_DIRECT reads
 SWITCH_INTERVAL_S = 2e-4
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -113,9 +117,11 @@ def file_order(program: Program, layers: Layers | None = None) -> list[Layer]:
 
 
 def write_weights(program: Program, path: str | Path, layers: Layers | None = None) -> WeightsFile:
-    """Write the program's weights as a safetensors file in load order (`file_order`), 64-byte aligned, synced.
+    """Write the program's weights as a safetensors file in load order (`file_order`), synced.
 
-    Layer after layer (each layer one contiguous range, read with one call); alignment gaps are
+    Layer after layer (each layer one contiguous range, read with one call), every layer starting on
+    a page (`LAYER_ALIGN`: a layer can then be read with O_DIRECT without touching its neighbours'
+    bytes) and every tensor 64-byte aligned; alignment gaps are
     filled with small uint8 padding tensors so the file stays valid safetensors. Any file written
     from the program runs any schedule of it; the one written from the scheduled program reads fastest.
     """
@@ -134,8 +140,9 @@ def write_weights(program: Program, path: str | Path, layers: Layers | None = No
             if t.dtype not in _DTYPES:
                 raise ColdStartError(f"weight '{attr}' has dtype {t.dtype}, which the weights file cannot hold; "
                                      f"supported: {', '.join(str(d) for d in _DTYPES)}")
-            if offset % ALIGN:
-                gap = ALIGN - offset % ALIGN
+            align = ALIGN if start is not None else LAYER_ALIGN
+            if offset % align:
+                gap = align - offset % align
                 header[f"__pad{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
                 blobs.append(bytes(gap))
                 offset += gap
@@ -150,7 +157,7 @@ def write_weights(program: Program, path: str | Path, layers: Layers | None = No
     header["__metadata__"] = {"format": "morphc.weights", "layers": json.dumps(ranges), "order": json.dumps(order)}
     text = json.dumps(header, separators=(",", ":"))
     length = len(text.encode())
-    length += (-(8 + length)) % ALIGN  # the data section starts aligned too
+    length += (-(8 + length)) % LAYER_ALIGN  # the data section starts aligned too
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(length.to_bytes(8, "little"))
@@ -185,6 +192,7 @@ class WeightsFile:
                                           base + e["data_offsets"][0], base + e["data_offsets"][1])
                         for name, e in header.items() if not name.startswith("__pad")}
         self.layers = [LayerRange(name, base + s, base + e, tuple(attrs)) for name, s, e, attrs in layers]
+        self._starts = sorted(e.start for e in self.tensors.values())
         self.by_name = {layer.name: layer for layer in self.layers}
 
     def check_program(self, program: Program, layers: Layers | None = None) -> None:
@@ -193,6 +201,15 @@ class WeightsFile:
         if missing:
             raise ColdStartError(f"weights file '{self.path}' lacks {len(missing)} tensor(s) the program reads, "
                                  f"e.g. {missing[:3]}; write it from this program with write_weights")
+
+    def direct_span(self, start: int, end: int) -> int | None:
+        """The end of an O_DIRECT read of [start, end): `end` rounded up to `LAYER_ALIGN`, if `start` is
+        aligned and the rounding covers only padding (no other tensor starts there); else None."""
+        if start % LAYER_ALIGN:
+            return None
+        end_up = end + (-end) % LAYER_ALIGN
+        i = bisect.bisect_left(self._starts, end)
+        return end_up if i == len(self._starts) or self._starts[i] >= end_up else None
 
     # page cache ----------------------------------------------------------------------------------
 
@@ -207,16 +224,25 @@ class WeightsFile:
 
     def cold_read_gbs(self, chunk_bytes: int = 8 << 20) -> float:
         """The storage's cold sequential read bandwidth for this file (GB/s): evict, then read it all
-        in large chunks on one thread. The physical floor of any loading schedule, for lower bounds."""
+        in large chunks on one thread, through the page cache and with O_DIRECT where the file system
+        allows it; the faster of the two. The physical floor of any loading schedule, for lower bounds."""
+        rates = [self._bulk_read_gbs(chunk_bytes, direct=False)]
+        if _open_direct(self.path) is not None:
+            rates.append(self._bulk_read_gbs(chunk_bytes, direct=True))
+        return max(rates)
+
+    def _bulk_read_gbs(self, chunk_bytes: int, *, direct: bool) -> float:
         self.evict()
-        buf = bytearray(min(chunk_bytes, max(self.size, 1)))
-        mv = memoryview(buf)
-        fd = os.open(self.path, os.O_RDONLY)
+        chunk = min(chunk_bytes, max(self.size, 1))
+        mv = memoryview(aligned_empty(chunk + (-chunk) % LAYER_ALIGN).numpy())
+        fd = _open_direct(self.path) if direct else os.open(self.path, os.O_RDONLY)
+        assert fd is not None
         try:
             t0 = time.perf_counter()
             done = 0
             while done < self.size:
-                n = os.preadv(fd, [mv[:min(len(mv), self.size - done)]], done)
+                # O_DIRECT reads whole blocks: the last one is short at the end of the file
+                n = os.preadv(fd, [mv if direct else mv[:min(len(mv), self.size - done)]], done)
                 if n <= 0:
                     break
                 done += n
@@ -278,7 +304,7 @@ def contiguous_runs(layers: Sequence[LayerRange]) -> list[list[LayerRange]]:
     is one read."""
     runs: list[list[LayerRange]] = []
     for layer in layers:
-        if runs and 0 <= layer.start - runs[-1][-1].end < ALIGN:
+        if runs and 0 <= layer.start - runs[-1][-1].end < LAYER_ALIGN:
             runs[-1].append(layer)
         else:
             runs.append([layer])
@@ -300,14 +326,37 @@ def read_bytes() -> int | None:
 # --- tiers -----------------------------------------------------------------------------------------
 
 
+def aligned_empty(nbytes: int, phase: int = 0) -> torch.Tensor:
+    """An uninitialised uint8 tensor of `nbytes` whose address is `phase` modulo `LAYER_ALIGN` (O_DIRECT
+    reads need their buffer aligned as their file offset is)."""
+    raw = torch.empty(nbytes + LAYER_ALIGN, dtype=torch.uint8)
+    shift = (phase - raw.data_ptr()) % LAYER_ALIGN
+    return raw[shift:shift + nbytes]
+
+
+def _open_direct(path: str | Path) -> int | None:
+    """`path` opened for O_DIRECT reads; None where the platform or file system has none (tmpfs)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+
+
 class DiskTier:
     """CPU: file on disk -> RAM (see the module docstring). One run maps the file afresh."""
 
     name = "disk"
 
-    def __init__(self, weights: WeightsFile, sparse: Sequence[str] = ()) -> None:
+    def __init__(self, weights: WeightsFile, sparse: Sequence[str] = (), *, direct_io: bool = True) -> None:
         self.weights = weights
         self.sparse = tuple(sparse)  # direct-access layers touched sparsely (embedding lookups)
+        self.direct_io = direct_io  # cold loads with O_DIRECT where possible (see the module docstring)
+        self._direct_fd: int | None = None
+        self.direct_reads = 0  # reads of the last run done with O_DIRECT ...
+        self.cached_reads = 0  # ... and through the page cache
         # RAM the loads read into: allocated and faulted in once, kept by the serving process (as
         # PipeSwitch's memory daemon keeps GPU memory), so a cold start does not also pay the kernel
         # for zero-filling fresh pages (for BERT-base about a third of the reading time)
@@ -317,12 +366,16 @@ class DiskTier:
         self._fd: int | None = None
 
     def begin(self, cold: bool) -> None:
-        if self._arena is None:
-            self._arena = torch.empty(self.weights.size - self.weights.data_start, dtype=torch.uint8)
+        if self._arena is None:  # aligned as the file is, with room for a last read rounded up to a block
+            self._arena = aligned_empty(self.weights.size - self.weights.data_start + LAYER_ALIGN,
+                                        self.weights.data_start % LAYER_ALIGN)
         self._arena.zero_()  # faults the pages in once, and leaves nothing of the last run behind
         if cold:
             self.weights.evict()
         self._fd = os.open(self.weights.path, os.O_RDONLY)
+        # O_DIRECT only from the cold state: it reads the disk even where the page cache holds the file
+        self._direct_fd = _open_direct(self.weights.path) if self.direct_io and cold else None
+        self.direct_reads = self.cached_reads = 0
         # the map gets its own open file (a dup would share the loads' read-ahead state with the faults
         # and WILLNEED requests of direct access at the other end of the file)
         map_fd = os.open(self.weights.path, os.O_RDONLY)
@@ -377,8 +430,9 @@ class DiskTier:
         base = self.weights.data_start
         for run in contiguous_runs(layers):
             start, end = run[0].start, run[-1].end
+            done = self._read_direct(start, end)
             mv = memoryview(self._arena[start - base:end - base].numpy())
-            done = 0
+            self.cached_reads += done < len(mv)
             while done < len(mv):
                 n = os.preadv(self._fd, [mv[done:]], start + done)
                 if n <= 0:
@@ -392,6 +446,24 @@ class DiskTier:
                 out[attr] = self._arena[e.start - base:e.end - base].view(e.dtype).view(e.shape)
         return out
 
+    def _read_direct(self, start: int, end: int) -> int:
+        """Read [start, end) into the arena with O_DIRECT if the file, the range and the file system allow
+        it; the bytes read (0 if not: the caller reads the rest through the page cache)."""
+        span_end = self.weights.direct_span(start, end) if self._direct_fd is not None else None
+        if span_end is None:
+            return 0
+        assert self._arena is not None and self._direct_fd is not None
+        base = self.weights.data_start
+        mv = memoryview(self._arena[start - base:span_end - base].numpy())
+        try:
+            n = os.preadv(self._direct_fd, [mv], start)  # a short read only at the end of the file
+        except OSError:  # EINVAL: the file system refuses this alignment after all
+            os.close(self._direct_fd)
+            self._direct_fd = None
+            return 0
+        self.direct_reads += 1
+        return min(n, end - start)
+
     def holds(self, t: torch.Tensor) -> bool:
         """Whether `t` lives in the arena (the next run overwrites it)."""
         return self._arena is not None and t.untyped_storage().data_ptr() == self._arena.untyped_storage().data_ptr()
@@ -403,9 +475,10 @@ class DiskTier:
             with contextlib.suppress(BufferError):  # a caller still holds a view (an output aliasing a weight)
                 self._mm.close()  # then GC unmaps it later
             self._mm = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct_fd = None
 
 
 CUDA_HOST_REGISTER_PORTABLE = 1
@@ -557,7 +630,7 @@ class ColdStartExecutor:
     """Runs a Program scheduled by `insert-load-schedule` from the cold state; see the module docstring."""
 
     def __init__(self, program: Program, weights: WeightsFile | str | Path, *, device: str = "cpu",
-                 pin_threads: bool = True) -> None:
+                 pin_threads: bool = True, direct_io: bool = True) -> None:
         plan = program.annotation(LoadPlan)
         # compute on the first CPUs, I/O threads on the others, when there are CPUs for both
         self.pin_threads = pin_threads
@@ -580,7 +653,7 @@ class ColdStartExecutor:
         elif device == "cpu":
             sparse = [layer.name for layer, mode in zip(self.layers, plan.modes())
                       if mode == "direct" and layer.touched_bytes < layer.nbytes // 2]
-            self.tier = DiskTier(self.weights, sparse)
+            self.tier = DiskTier(self.weights, sparse, direct_io=direct_io)
         else:
             raise ColdStartError(f"unknown device {device!r}; valid: 'cpu' (disk tier) or 'cuda[:N]' (host tier)")
         self.device = device
