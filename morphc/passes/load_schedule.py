@@ -239,6 +239,16 @@ def _merge_loads(costs: LayerCosts, modes: Sequence[str], issue: Sequence[int], 
     return groups, timeline, total
 
 
+def _sparse(layer: LayerCost) -> bool:
+    """Whether computing in place reads less than half the layer (an embedding lookup reads its rows).
+
+    On one disk only such layers are worth computing in place: a dense layer computed there reads the
+    same bytes from the same disk, a page fault at a time, while the loads behind it wait or compete.
+    Measured: BERT-base's 9.4 MB `layer.0.output.dense`, planned in place at 29 ms beside the streaming
+    loads, took 105 ms in the cold runs, and the plan 186 ms against the pipeline's 145 ms."""
+    return layer.touched_bytes < layer.nbytes // 2
+
+
 _Timeline = tuple[tuple[float, ...], ...]  # simulated (load start, load end, compute start, compute end) per layer
 _Grouped = tuple[list[int], _Timeline, float]  # read groups, simulated timeline, total ms
 
@@ -307,6 +317,8 @@ def make_schedule(costs: LayerCosts, strategy: str = "plan", *, channels: int = 
         for _ in range(max_sweeps):
             changed = False
             for i in range(n):
+                if disk and modes[i] == "load" and not _sparse(costs.layers[i]):
+                    continue  # see _sparse
                 trial = list(modes)
                 trial[i] = "direct" if modes[i] == "load" else "load"
                 trial_chan = _assign_channels(costs, trial, effective)
