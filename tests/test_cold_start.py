@@ -109,7 +109,10 @@ def test_loads_bypass_the_page_cache_where_the_file_system_allows(mlp) -> None:
     buffered = ColdStartExecutor(scheduled, weights, direct_io=False)
     expected, _ = buffered.run(x)
     assert buffered.tier.direct_reads == 0 and buffered.tier.cached_reads > 0
+    # one bulk read of everything (on-demand) streams faster through the page cache's read-ahead
+    assert ColdStartExecutor(_schedule(program, "on-demand"), weights).tier.direct_io is False
     direct = ColdStartExecutor(scheduled, weights)
+    assert direct.tier.direct_io is True
     out, timeline = direct.run(x)
     assert torch.equal(out["model"], expected["model"])
     if cold_start._open_direct(weights.path) is None:
