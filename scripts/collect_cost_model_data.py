@@ -32,7 +32,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=0,
                         help="measure the end-to-end latencies again as pass N (1, 2, ...): training learns the median")
     parser.add_argument("--refresh-op-graphs", action="store_true",
-                        help="only re-extract the stored op graphs (after a new features.OPGRAPH_VERSION); measures nothing")
+                        help="only re-extract the stored op graphs (after a new features.OPGRAPH_VERSION); "
+                             "measures nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
