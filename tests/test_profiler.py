@@ -147,3 +147,21 @@ def test_corpus_is_broad_and_names_are_unique() -> None:
     families = {v.family for v in VARIANTS}
     assert {"mlp", "vgg", "bert", "vit", "gpt2", "hf-resnet", "multitask"} <= families
     assert len({v.name for v in VARIANTS}) == len(VARIANTS)
+
+
+def test_stored_op_graphs_are_re_extracted_for_the_same_programs_only(tmp_path: Path) -> None:
+    """After a new OPGRAPH_VERSION the measurements stay and the graphs are extracted again; a variant
+    that now lowers to another program is refused (its measurements describe the old one)."""
+    db = RecordsDB(tmp_path / "corpus.sqlite")
+    variants = [_tiny_variant(4), _tiny_variant(8)]
+    collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001)
+    fp = db.get(dataset.CORPUS, variants[0].name, dataset.STATIC, {"batch": 1}).stats["fingerprint"]
+    db.put(dataset.OPGRAPH, fp, dataset.STATIC, {}, {"opgraph": "stale"})
+    with pytest.raises(RecordsError, match="--refresh-op-graphs"):
+        load_samples(db)
+    assert dataset.refresh_op_graphs(db, variants, show_progress=False) == 2
+    assert len(load_samples(db)) == 4
+    changed = Variant(variants[0].name, "tiny", {}, lambda b: (nn.Sequential(nn.Linear(4, 5)).eval(),
+                                                              (torch.randn(b, 4),)))
+    with pytest.raises(RecordsError, match="lowers to program"):
+        dataset.refresh_op_graphs(db, [changed], show_progress=False)
