@@ -46,6 +46,7 @@ from morphc.ir.load_plan import (
     layer_profile_key,
     plan_to_json,
     read_ms,
+    reads_sparsely,
 )
 from morphc.ir.metadata import META_KEY, MODULE_PATH_KEY
 from morphc.ir.program import Program
@@ -239,16 +240,6 @@ def _merge_loads(costs: LayerCosts, modes: Sequence[str], issue: Sequence[int], 
     return groups, timeline, total
 
 
-def _sparse(layer: LayerCost) -> bool:
-    """Whether computing in place reads less than half the layer (an embedding lookup reads its rows).
-
-    On one disk only such layers are worth computing in place: a dense layer computed there reads the
-    same bytes from the same disk, a page fault at a time, while the loads behind it wait or compete.
-    Measured: BERT-base's 9.4 MB `layer.0.output.dense`, planned in place at 29 ms beside the streaming
-    loads, took 105 ms in the cold runs, and the plan 186 ms against the pipeline's 145 ms."""
-    return layer.touched_bytes < layer.nbytes // 2
-
-
 _Timeline = tuple[tuple[float, ...], ...]  # simulated (load start, load end, compute start, compute end) per layer
 _Grouped = tuple[list[int], _Timeline, float]  # read groups, simulated timeline, total ms
 
@@ -317,8 +308,8 @@ def make_schedule(costs: LayerCosts, strategy: str = "plan", *, channels: int = 
         for _ in range(max_sweeps):
             changed = False
             for i in range(n):
-                if disk and modes[i] == "load" and not _sparse(costs.layers[i]):
-                    continue  # see _sparse
+                if disk and modes[i] == "load" and not reads_sparsely(costs.layers[i]):
+                    continue  # one disk: only sparse layers gain from direct access (see reads_sparsely)
                 trial = list(modes)
                 trial[i] = "direct" if modes[i] == "load" else "load"
                 trial_chan = _assign_channels(costs, trial, effective)

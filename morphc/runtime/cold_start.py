@@ -64,6 +64,7 @@ from morphc.ir.load_plan import (
     group_layers,
     group_members,
     is_schedule_node,
+    reads_sparsely,
     weight_source,
 )
 from morphc.ir.metadata import op_name
@@ -227,7 +228,7 @@ class WeightsFile:
         in large chunks on one thread, through the page cache and with O_DIRECT where the file system
         allows it; the faster of the two. The physical floor of any loading schedule, for lower bounds."""
         rates = [self._bulk_read_gbs(chunk_bytes, direct=False)]
-        if _open_direct(self.path) is not None:
+        if supports_o_direct(self.path):
             rates.append(self._bulk_read_gbs(chunk_bytes, direct=True))
         return max(rates)
 
@@ -343,6 +344,15 @@ def _open_direct(path: str | Path) -> int | None:
         return os.open(path, os.O_RDONLY | flag)
     except OSError:
         return None
+
+
+def supports_o_direct(path: str | Path) -> bool:
+    """Whether `path` can be opened for O_DIRECT reads here."""
+    fd = _open_direct(path)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 class DiskTier:
@@ -652,7 +662,7 @@ class ColdStartExecutor:
             self.tier: DiskTier | HostTier = HostTier(self.weights, device, plan.channels)
         elif device == "cpu":
             sparse = [layer.name for layer, mode in zip(self.layers, plan.modes())
-                      if mode == "direct" and layer.touched_bytes < layer.nbytes // 2]
+                      if mode == "direct" and reads_sparsely(layer)]
             # cold loads with O_DIRECT (None: unless the plan is on-demand). Measured here (benchmark, same
             # code, minutes apart): pipelined loads start sooner without the kernel's read-ahead (ResNet-50's
             # first layer computed 1.0 ms in, against 11.4 ms behind an 8 MB read-ahead window; plans 7-14%
