@@ -69,9 +69,10 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
              min(r.layers[i].load_start_ms for i in range(len(layers))) for r in od_runs] if len(layers) else [0.0]
     span = med(spans)
     bandwidth = layers.nbytes / (span * 1e6) if span > 0 else 0.0
-    # the storage's streaming bandwidth (one large sequential read) is what a read of many bytes gets;
-    # per-layer reads also pay a fixed overhead each, which the planner saves by grouping them
-    bulk = statistics.median(on_demand.weights.cold_read_gbs() for _ in range(3))
+    # the storage's streaming bandwidth (one large sequential read, in the loader's own I/O mode: on a
+    # virtual disk O_DIRECT and the page cache stream at different rates) is what a read of many bytes
+    # gets; per-layer reads also pay a fixed overhead each, which the planner saves by grouping them
+    bulk = statistics.median(on_demand.weights.cold_read_gbs(direct=direct_io) for _ in range(3))
     streaming = max(bulk, bandwidth)
     overhead = _read_overhead_ms(span, layers.nbytes, len(layers), streaming)
     resident = med([t.after_reads_ms for t in od_runs])

@@ -223,12 +223,17 @@ class WeightsFile:
         finally:
             os.close(fd)
 
-    def cold_read_gbs(self, chunk_bytes: int = 8 << 20) -> float:
-        """The storage's cold sequential read bandwidth for this file (GB/s): evict, then read it all
-        in large chunks on one thread, through the page cache and with O_DIRECT where the file system
-        allows it; the faster of the two. The physical floor of any loading schedule, for lower bounds."""
+    def cold_read_gbs(self, chunk_bytes: int = 8 << 20, *, direct: bool | None = None) -> float:
+        """The storage's cold sequential read bandwidth for this file (GB/s): evict, then read it all in
+        large chunks on one thread. `direct=None`: through the page cache and with O_DIRECT where the file
+        system allows it, the faster of the two (the physical floor of any loading schedule, for lower
+        bounds); True or False: in that mode only (what a loader reading that way streams at, for
+        planning; True falls back to the page cache where O_DIRECT is refused)."""
+        can_direct = supports_o_direct(self.path)
+        if direct is not None:
+            return self._bulk_read_gbs(chunk_bytes, direct=direct and can_direct)
         rates = [self._bulk_read_gbs(chunk_bytes, direct=False)]
-        if supports_o_direct(self.path):
+        if can_direct:
             rates.append(self._bulk_read_gbs(chunk_bytes, direct=True))
         return max(rates)
 
