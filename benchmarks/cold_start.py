@@ -116,9 +116,9 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     files = {s: weights if [x.name for x in file_order(p)] == [x.name for x in layers]
              else write_weights(p, weights.path.with_name(f"{weights.path.stem}-{s}.safetensors"))
              for s, p in scheduled.items()}
-    # each strategy reads as the executor does by default (O_DIRECT but for on-demand's one bulk read), or
-    # all through the page cache (--page-cache)
-    executors = {s: ColdStartExecutor(p, files[s], direct_io=False if page_cache else None)
+    # each strategy reads as the executor does by default (O_DIRECT into the huge-page arena), or all
+    # through the page cache (--page-cache)
+    executors = {s: ColdStartExecutor(p, files[s], direct_io=not page_cache)
                  for s, p in scheduled.items()}
     inputs = program.example_inputs
     reference = program(*inputs)
@@ -235,7 +235,7 @@ def main() -> None:
                         help="plan from the layer profile stored in --records instead of measuring it afresh (the "
                              "CPU's speed drifts between sessions here, and a stale profile mispredicts)")
     parser.add_argument("--page-cache", action="store_true",
-                        help="every cold load through the page cache (by default pipelined loads use O_DIRECT)")
+                        help="every cold load through the page cache (by default every load uses O_DIRECT)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for compute")
     parser.add_argument("--workdir", default="/tmp/morphc-cold-start", help="where weights files go (a real disk)")
     parser.add_argument("--records", default=str(ROOT / "out" / "cold_start" / "records.sqlite"))
@@ -262,7 +262,7 @@ def main() -> None:
                 settings={"torch_threads": args.threads, "io_threads": 1, "runs": args.runs,
                           "profile_runs": args.profile_runs, "read_ahead_kb": _read_ahead(),
                           "workdir": args.workdir,
-                          "loads": "page cache" if args.page_cache else "O_DIRECT (on-demand: page cache)"})
+                          "loads": "page cache" if args.page_cache else "O_DIRECT"})
     print(f"wrote {path}")
 
 

@@ -109,8 +109,8 @@ def test_loads_bypass_the_page_cache_where_the_file_system_allows(mlp) -> None:
     buffered = ColdStartExecutor(scheduled, weights, direct_io=False)
     expected, _ = buffered.run(x)
     assert buffered.tier.direct_reads == 0 and buffered.tier.cached_reads > 0
-    # one bulk read of everything (on-demand) streams faster through the page cache's read-ahead
-    assert ColdStartExecutor(_schedule(program, "on-demand"), weights).tier.direct_io is False
+    # every strategy reads with O_DIRECT unless told otherwise, on-demand's one bulk read included
+    assert ColdStartExecutor(_schedule(program, "on-demand"), weights).tier.direct_io is True
     direct = ColdStartExecutor(scheduled, weights)
     assert direct.tier.direct_io is True
     out, timeline = direct.run(x)
@@ -141,6 +141,32 @@ def test_the_bulk_read_rate_is_measured_in_the_mode_asked_for(mlp, monkeypatch) 
         modes.clear()
         layer_profile.measure_layer_costs(program, weights, runs=1, direct_io=direct_io)
         assert modes and set(modes) == {direct_io}
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_the_arena_is_aligned_and_asks_for_huge_pages() -> None:
+    """O_DIRECT needs the buffer aligned as the file offset is; huge pages make its requests large."""
+    for phase in (0, 64, 4032):
+        buf = cold_start.aligned_empty(3 << 20, phase)
+        assert buf.numel() == 3 << 20 and buf.data_ptr() % cold_start.HUGE_PAGE == phase
+        buf.fill_(7)  # writable, and private: nothing else sees it
+        assert int(buf[-1]) == 7
+        assert "hg" in _vm_flags(buf.data_ptr())  # madvise(MADV_HUGEPAGE) on its map
+    with pytest.raises(ValueError, match="phase"):
+        cold_start.aligned_empty(10, LAYER_ALIGN)
 
 
 def test_an_o_direct_read_covers_only_padding_past_its_layer(tmp_path: Path) -> None:
