@@ -233,33 +233,45 @@ class WeightsFile:
         as any loader must put them: into one reused buffer the same disk reads ~7% faster, a rate no
         loader can use). `direct=None`: through the page cache and with O_DIRECT where the file system
         allows it, the faster of the two (the physical floor of any loading schedule, for lower
-        bounds); True or False: in that mode only (what a loader reading that way streams at, for
-        planning; True falls back to the page cache where O_DIRECT is refused)."""
+        bounds); True or False: in that mode only (True falls back to the page cache where O_DIRECT is
+        refused)."""
         can_direct = supports_o_direct(self.path)
+        arena = self._read_arena()
+        modes = [direct and can_direct] if direct is not None else [False] + ([True] if can_direct else [])
+        rates = []
+        for d in modes:
+            seconds, done, _ = self._timed_read(arena, chunk_bytes, self.size, direct=d)
+            rates.append(done / seconds / 1e9 if seconds > 0 else 0.0)
+        return max(rates)
+
+    def _read_arena(self) -> torch.Tensor:
         arena = aligned_empty(self.size + (-self.size) % LAYER_ALIGN)
         arena.zero_()  # fault the pages in before the clock starts, as the executor's arena is
-        modes = [direct and can_direct] if direct is not None else [False] + ([True] if can_direct else [])
-        return max(self._bulk_read_gbs(arena, chunk_bytes, direct=d) for d in modes)
+        return arena
 
-    def _bulk_read_gbs(self, arena: torch.Tensor, chunk_bytes: int, *, direct: bool) -> float:
+    def _timed_read(self, arena: torch.Tensor, chunk_bytes: int, limit: int, *, direct: bool
+                    ) -> tuple[float, int, int]:
+        """Evict, then read the file's first `limit` bytes in `chunk_bytes` reads into `arena`, each byte to
+        its own place: (seconds, bytes read, reads)."""
         self.evict()
         mv = memoryview(arena.numpy())
         chunk = max(LAYER_ALIGN, chunk_bytes - chunk_bytes % LAYER_ALIGN)
         fd = _open_direct(self.path) if direct else os.open(self.path, os.O_RDONLY)
         assert fd is not None
+        done = reads = 0
         try:
             t0 = time.perf_counter()
-            done = 0
-            while done < self.size:
+            while done < limit:
                 # O_DIRECT reads whole blocks: the last one is short at the end of the file
-                n = os.preadv(fd, [mv[done:done + chunk] if direct else mv[done:min(done + chunk, self.size)]], done)
+                n = os.preadv(fd, [mv[done:done + chunk] if direct else mv[done:min(done + chunk, limit)]], done)
                 if n <= 0:
                     break
                 done += n
+                reads += 1
             seconds = time.perf_counter() - t0
         finally:
             os.close(fd)
-        return done / seconds / 1e9 if seconds > 0 else 0.0
+        return seconds, done, reads
 
     def readahead_bytes(self) -> int:
         """The kernel's read-ahead window for the file's block device (bytes; the largest of the
@@ -390,6 +402,9 @@ class DiskTier:
         # PipeSwitch's memory daemon keeps GPU memory), so a cold start does not also pay the kernel
         # for zero-filling fresh pages (for BERT-base about a third of the reading time)
         self._arena: torch.Tensor | None = None
+        # every tensor's view of the arena, made once with it: building a group's ~200 views after its read
+        # took the I/O thread ~0.6 ms under the GIL (MobileNetV2), time the disk sat idle
+        self._views: dict[str, torch.Tensor] = {}
         self._mm: mmap.mmap | None = None
         self._base: torch.Tensor | None = None
         self._fd: int | None = None
@@ -398,6 +413,9 @@ class DiskTier:
         if self._arena is None:  # aligned as the file is, with room for a last read rounded up to a block
             self._arena = aligned_empty(self.weights.size - self.weights.data_start + LAYER_ALIGN,
                                         self.weights.data_start % LAYER_ALIGN)
+            base = self.weights.data_start
+            self._views = {attr: self._arena[e.start - base:e.end - base].view(e.dtype).view(e.shape)
+                           for attr, e in self.weights.tensors.items()}
         self._arena.zero_()  # faults the pages in once, and leaves nothing of the last run behind
         if cold:
             self.weights.evict()
@@ -468,12 +486,7 @@ class DiskTier:
                     raise ColdStartError(f"short read of layer(s) {[r.name for r in run]} from "
                                          f"'{self.weights.path}'")
                 done += n
-        out = {}
-        for layer in layers:
-            for attr in layer.attrs:
-                e = self.weights.tensors[attr]
-                out[attr] = self._arena[e.start - base:e.end - base].view(e.dtype).view(e.shape)
-        return out
+        return {attr: self._views[attr] for layer in layers for attr in layer.attrs}
 
     def _read_direct(self, start: int, end: int) -> int:
         """Read [start, end) into the arena with O_DIRECT if the file, the range and the file system allow
