@@ -98,6 +98,10 @@ class TensorEntry:
     start: int  # absolute byte offsets in the file
     end: int
 
+    def view_in(self, buffer: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """This tensor in `buffer` (uint8 bytes), whose first byte holds the file's byte `offset`."""
+        return buffer[self.start - offset:self.end - offset].view(self.dtype).view(self.shape)
+
 
 @dataclass(frozen=True)
 class LayerRange:
@@ -236,42 +240,31 @@ class WeightsFile:
         bounds); True or False: in that mode only (True falls back to the page cache where O_DIRECT is
         refused)."""
         can_direct = supports_o_direct(self.path)
-        arena = self._read_arena()
-        modes = [direct and can_direct] if direct is not None else [False] + ([True] if can_direct else [])
-        rates = []
-        for d in modes:
-            seconds, done, _ = self._timed_read(arena, chunk_bytes, self.size, direct=d)
-            rates.append(done / seconds / 1e9 if seconds > 0 else 0.0)
-        return max(rates)
-
-    def _read_arena(self) -> torch.Tensor:
         arena = aligned_empty(self.size + (-self.size) % LAYER_ALIGN)
         arena.zero_()  # fault the pages in before the clock starts, as the executor's arena is
-        return arena
+        modes = [direct and can_direct] if direct is not None else [False] + ([True] if can_direct else [])
+        return max(self._bulk_read_gbs(arena, chunk_bytes, direct=d) for d in modes)
 
-    def _timed_read(self, arena: torch.Tensor, chunk_bytes: int, limit: int, *, direct: bool
-                    ) -> tuple[float, int, int]:
-        """Evict, then read the file's first `limit` bytes in `chunk_bytes` reads into `arena`, each byte to
-        its own place: (seconds, bytes read, reads)."""
+    def _bulk_read_gbs(self, arena: torch.Tensor, chunk_bytes: int, *, direct: bool) -> float:
+        """Evict, then read the whole file in `chunk_bytes` reads into `arena`, each byte to its own place."""
         self.evict()
         mv = memoryview(arena.numpy())
         chunk = max(LAYER_ALIGN, chunk_bytes - chunk_bytes % LAYER_ALIGN)
         fd = _open_direct(self.path) if direct else os.open(self.path, os.O_RDONLY)
         assert fd is not None
-        done = reads = 0
+        done = 0
         try:
             t0 = time.perf_counter()
-            while done < limit:
+            while done < self.size:
                 # O_DIRECT reads whole blocks: the last one is short at the end of the file
-                n = os.preadv(fd, [mv[done:done + chunk] if direct else mv[done:min(done + chunk, limit)]], done)
+                n = os.preadv(fd, [mv[done:done + chunk] if direct else mv[done:min(done + chunk, self.size)]], done)
                 if n <= 0:
                     break
                 done += n
-                reads += 1
             seconds = time.perf_counter() - t0
         finally:
             os.close(fd)
-        return seconds, done, reads
+        return done / seconds / 1e9 if seconds > 0 else 0.0
 
     def readahead_bytes(self) -> int:
         """The kernel's read-ahead window for the file's block device (bytes; the largest of the
@@ -413,8 +406,7 @@ class DiskTier:
         if self._arena is None:  # aligned as the file is, with room for a last read rounded up to a block
             self._arena = aligned_empty(self.weights.size - self.weights.data_start + LAYER_ALIGN,
                                         self.weights.data_start % LAYER_ALIGN)
-            base = self.weights.data_start
-            self._views = {attr: self._arena[e.start - base:e.end - base].view(e.dtype).view(e.shape)
+            self._views = {attr: e.view_in(self._arena, self.weights.data_start)
                            for attr, e in self.weights.tensors.items()}
         self._arena.zero_()  # faults the pages in once, and leaves nothing of the last run behind
         if cold:
@@ -467,7 +459,7 @@ class DiskTier:
         """The tensor on the mapped pages (direct access: touching it reads only those pages)."""
         e = self.weights.tensors[attr]
         assert self._base is not None
-        return self._base[e.start:e.end].view(e.dtype).view(e.shape)
+        return e.view_in(self._base)
 
     def load(self, *layers: LayerRange) -> dict[str, torch.Tensor]:
         """Read the layers into their place in the arena with preadv, one call for each run of them that
