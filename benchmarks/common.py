@@ -65,6 +65,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_1min": load_average(),
+        **({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if torch.cuda.is_available() else {}),
     }
 
 
@@ -136,7 +137,8 @@ def write_results(name: str, *, title: str, results: Any, body_md: str, settings
     payload = {"name": name, "command": command, "machine": info, "settings": dict(settings), "results": results}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     machine = (f"{info['cpu']}, {info['cores_available']} cores available, torch {info['torch']}, "
-               f"{info['torch_threads']} torch threads, Python {info['python']}")
+               f"{info['torch_threads']} torch threads, Python {info['python']}"
+               + (f", GPU {info['gpu']} (CUDA {info['cuda']})" if "gpu" in info else ""))
     settings_md = ", ".join(f"{k}={v}" for k, v in settings.items())
     md = (f"# {title}\n\n"
           f"- command: `{command}`\n- machine: {machine}\n- date: {info['date']}\n- settings: {settings_md}\n"

@@ -10,7 +10,7 @@ passes see weights as graph values (CSE can merge equal weights, folding can pre
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -161,6 +161,33 @@ class Program:
                 node.meta[ANNOTATIONS_KEY] = dict(node.meta[ANNOTATIONS_KEY])
         gm = fx.GraphModule(self.graph_module, graph)
         return Program(gm, self.inputs, self.outputs, self.example_inputs, self.annotations, compute_meta=False)
+
+    def to(self, device: str | torch.device, skip: Collection[str] = ()) -> Program:
+        """A copy that runs on `device`: every tensor the graph reads moved there (but the attributes in
+        `skip`: the cold-start executor streams weights in itself), the example inputs too, and every
+        op's `device=` argument (torch.export bakes the capture's device into factory ops such as
+        `arange` and into `_assert_tensor_metadata`) rewritten. Annotations and metadata are kept."""
+        device = torch.device(device)
+        moved = self.clone()
+        gm = moved.graph_module
+        for node in moved.graph.nodes:
+            if node.op == "get_attr" and str(node.target) not in skip:
+                owner, _, leaf = str(node.target).rpartition(".")
+                module = gm.get_submodule(owner) if owner else gm
+                value = getattr(module, leaf)
+                if isinstance(value, torch.Tensor) and value.device != device:
+                    if isinstance(value, torch.nn.Parameter):
+                        module.register_parameter(leaf, torch.nn.Parameter(value.detach().to(device),
+                                                                           requires_grad=value.requires_grad))
+                    elif leaf in module._buffers:
+                        module.register_buffer(leaf, value.to(device))
+                    else:
+                        setattr(module, leaf, value.to(device))
+            elif node.op == "call_function" and isinstance(node.kwargs.get("device"), torch.device):
+                node.kwargs = {**node.kwargs, "device": device}
+        gm.recompile()
+        moved.example_inputs = tuple(t.to(device) for t in self.example_inputs)
+        return moved
 
     # --- running -----------------------------------------------------------------------------
 

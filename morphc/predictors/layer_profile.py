@@ -27,30 +27,31 @@ from morphc.ir.program import Program
 from morphc.passes.load_schedule import PROFILE_KIND, InsertLoadSchedule
 from morphc.passes.manager import PassContext
 from morphc.predictors.records import RecordsDB, device_fingerprint
-from morphc.runtime.cold_start import ColdStartExecutor, DiskTier, Timeline, WeightsFile
+from morphc.runtime.cold_start import ColdStartExecutor, DiskTier, HostTier, Timeline, WeightsFile
 
 KIND = PROFILE_KIND
 
 
-def _schedule(program: Program, strategy: str) -> Program:
+def _schedule(program: Program, strategy: str, device: str = "cpu") -> Program:
     p = program.clone()
-    result = InsertLoadSchedule(strategy=strategy, group_loads=False).run(p, PassContext())  # per-layer reads
+    result = InsertLoadSchedule(strategy=strategy, group_loads=False).run(p, PassContext(device=device))  # per layer
     if result.modified:
         result.program.mark_modified()
     return result.program
 
 
 def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, runs: int = 3,
-                        inputs: tuple[torch.Tensor, ...] | None = None, direct_io: bool = True) -> LayerCosts:
-    """Measure the per-layer profile of an unscheduled program from the cold state (disk tier), its
-    loads read as the executor will read them (`direct_io`: O_DIRECT where the file system allows)."""
+                        inputs: tuple[torch.Tensor, ...] | None = None, direct_io: bool = True,
+                        device: str = "cpu") -> LayerCosts:
+    """Measure the per-layer profile of an unscheduled program from the cold state: on "cpu" the disk
+    tier, its loads read as the executor will read them (`direct_io`: O_DIRECT where the file system
+    allows); on "cuda" the host tier (copies over PCIe, direct host access)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     inputs = inputs if inputs is not None else program.example_inputs
     layers = group_layers(program)
-    on_demand = ColdStartExecutor(_schedule(program, "on-demand"), weights, direct_io=direct_io)
-    direct = ColdStartExecutor(_schedule(program, "direct"), weights, direct_io=direct_io)
-    pipeline = ColdStartExecutor(_schedule(program, "pipeline"), weights, direct_io=direct_io)
+    on_demand, direct, pipeline = (ColdStartExecutor(_schedule(program, s, device), weights, direct_io=direct_io,
+                                                     device=device) for s in ("on-demand", "direct", "pipeline"))
     on_demand.run(*inputs, cold=False)  # warm the process (kernels, allocator); the weights go cold below
     od_runs: list[Timeline] = []
     dr_runs: list[Timeline] = []
@@ -72,7 +73,9 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     # the storage's streaming bandwidth (one large sequential read, in the loader's own I/O mode: on a
     # virtual disk O_DIRECT and the page cache stream at different rates) is what a read of many bytes
     # gets; per-layer reads also pay a fixed overhead each, which the planner saves by grouping them
-    bulk = statistics.median(on_demand.weights.cold_read_gbs(direct=direct_io) for _ in range(3))
+    tier = on_demand.tier
+    bulk = (tier.copy_gbs() if isinstance(tier, HostTier)
+            else statistics.median(on_demand.weights.cold_read_gbs(direct=direct_io) for _ in range(3)))
     streaming = max(bulk, bandwidth)
     overhead = _read_overhead_ms(span, layers.nbytes, len(layers), streaming)
     resident = med([t.after_reads_ms for t in od_runs])
@@ -96,17 +99,17 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     costs = [replace(c, compute_ms=c.compute_ms * scales["compute"],
                      direct_ms=max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
     slowdown = _overlap_slowdown(pl_runs, costs)
-    assert isinstance(on_demand.tier, DiskTier)
-    o_direct = on_demand.tier.direct_reads > 0  # the last cold run's loads bypassed the page cache
+    o_direct = isinstance(tier, DiskTier) and tier.direct_reads > 0  # the last cold run's loads bypassed the cache
     extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
              "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "overlap_slowdown": slowdown,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
              "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales,
              "o_direct": o_direct}
-    return LayerCosts(tuple(costs), prologue, "measured", "disk", streaming, 0.0, extra, read_overhead_ms=overhead,
-                      overlap_slowdown=slowdown,  # O_DIRECT reads get no read-ahead from the kernel
-                      readahead_bytes=0 if o_direct else on_demand.weights.readahead_bytes())
+    return LayerCosts(tuple(costs), prologue, "measured", tier.name, streaming, 0.0, extra, read_overhead_ms=overhead,
+                      overlap_slowdown=slowdown,  # O_DIRECT reads (and copies) get no read-ahead from the kernel
+                      readahead_bytes=on_demand.weights.readahead_bytes() if tier.name == "disk" and not o_direct
+                      else 0)
 
 
 def _read_overhead_ms(span_ms: float, nbytes: int, reads: int, bandwidth_gbs: float) -> float:
@@ -138,17 +141,18 @@ def _scale(total: float, parts: list[float]) -> float:
 
 
 def profile_layers(program: Program, db: RecordsDB, weights: WeightsFile | str | Path, *, runs: int = 3,
-                   refresh: bool = False, direct_io: bool = True) -> LayerCosts:
+                   refresh: bool = False, direct_io: bool = True, device: str = "cpu") -> LayerCosts:
     """The program's layer profile from `db`, measuring and storing it first when missing (or `refresh`)."""
-    config = {"tier": "disk", "threads": torch.get_num_threads(), "runs": runs,
-              "io": "o-direct" if direct_io else "page-cache"}
-    key, device = layer_profile_key(program), device_fingerprint("cpu")
+    gpu = device.startswith("cuda")
+    config = {"tier": "host" if gpu else "disk", "threads": torch.get_num_threads(), "runs": runs,
+              "io": "copy-stream" if gpu else "o-direct" if direct_io else "page-cache"}
+    key, fingerprint = layer_profile_key(program), device_fingerprint("cuda" if gpu else "cpu")
     if not refresh:
-        record = db.get(KIND, key, device, config)
+        record = db.get(KIND, key, fingerprint, config)
         if record is not None:
             return LayerCosts.from_json(record.stats)
-    costs = measure_layer_costs(program, weights, runs=runs, direct_io=direct_io)
-    db.put(KIND, key, device, config, costs.to_json())
+    costs = measure_layer_costs(program, weights, runs=runs, direct_io=direct_io, device=device)
+    db.put(KIND, key, fingerprint, config, costs.to_json())
     return costs
 
 

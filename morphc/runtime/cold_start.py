@@ -145,7 +145,7 @@ def write_weights(program: Program, path: str | Path, layers: Layers | None = No
     for layer in ordered:
         start = None
         for attr in layer.attrs:
-            t = program.tensor(attr).detach().contiguous()
+            t = program.tensor(attr).detach().cpu().contiguous()
             if t.dtype not in _DTYPES:
                 raise ColdStartError(f"weight '{attr}' has dtype {t.dtype}, which the weights file cannot hold; "
                                      f"supported: {', '.join(str(d) for d in _DTYPES)}")
@@ -559,10 +559,26 @@ def direct_device_view(host: torch.Tensor, device: str = "cuda", cudart: Any = N
     return as_tensor(_CudaArray(cuda_array_interface(host), host), device=device)
 
 
-class HostTier:
-    """GPU: pinned host memory -> device memory over PCIe, per-channel copy streams, direct host access.
+@dataclass(frozen=True)
+class PendingLoad:
+    """A load queued on a GPU copy stream: its tensors (valid once `done` has happened on the stream
+    that uses them) and the events that time it on the device."""
 
-    Not run here (no GPU on this machine); see the module docstring.
+    tensors: dict[str, torch.Tensor]
+    started: torch.cuda.Event
+    done: torch.cuda.Event
+
+
+class HostTier:
+    """GPU: host memory -> device memory over PCIe on per-channel copy streams, and direct host access.
+
+    The file's data section is read once into one host buffer (a serving process keeps its cold
+    models' weights in host RAM, as PipeSwitch and DeepPlan do) and registered once with
+    `cudaHostRegister(Mapped | Portable)`: that page-locks it, so a load is one DMA `cudaMemcpyAsync`
+    per contiguous run of layers into one device arena allocated once (the tensors are views of it,
+    made once), and it maps it, so a direct-access layer's kernels read its weights in place over
+    PCIe. The compute stream waits for a load with `wait_event`, never the CPU: the compute thread
+    queues kernels ahead as it does warm. Timings are CUDA events (`PendingLoad`).
     """
 
     name = "host"
@@ -575,39 +591,90 @@ class HostTier:
             raise ColdStartError(f"parallel transmission over {channels} channels needs {channels} GPUs; "
                                  f"this machine has {torch.cuda.device_count()}")
         self.weights = weights
-        self.device = torch.device(device)
-        self.host: dict[str, torch.Tensor] = {}
+        dev = torch.device(device)
+        self.device = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+        base = weights.data_start
+        self._host = aligned_empty(weights.size - base)
         with open(weights.path, "rb") as f:
-            for attr, e in weights.tensors.items():
-                f.seek(e.start)
-                t = torch.empty(e.shape, dtype=e.dtype).pin_memory()
-                f.readinto(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
-                self.host[attr] = t
-        self.streams = [torch.cuda.Stream(device=torch.device("cuda", c)) for c in range(channels)]
-        self._direct: dict[str, torch.Tensor] = {}
+            f.seek(base)
+            f.readinto(memoryview(self._host.numpy()))
+        register_mapped(self._host)
+        self._registered = True
+        mapped = torch.as_tensor(_CudaArray(cuda_array_interface(self._host), self._host), device=self.device)
+        self._mapped_views = {attr: e.view_in(mapped, base) for attr, e in weights.tensors.items()}
+        self._host_views = {attr: e.view_in(self._host, base) for attr, e in weights.tensors.items()}
+        # where loads land: allocated once and kept (PipeSwitch's memory daemon keeps GPU memory too), so a
+        # cold start pays no cudaMalloc; every tensor a view of it, made once
+        self._arena = torch.empty(self._host.numel(), dtype=torch.uint8, device=self.device)
+        self._views = {attr: e.view_in(self._arena, base) for attr, e in weights.tensors.items()}
+        self._staging: dict[int, torch.Tensor] = {}  # parallel transmission: a landing arena on each other GPU
+        # channel 0 copies into the compute GPU; channel c > 0 over GPU c's link (parallel transmission)
+        self.streams = [torch.cuda.Stream(device=self.device if c == 0 else torch.device("cuda", c))
+                        for c in range(channels)]
 
     def begin(self, cold: bool) -> None:
+        if cold:  # the device holds no weight: a layer computed before its load would see zeros
+            self._arena.zero_()
         torch.cuda.synchronize(self.device)
 
     def view(self, attr: str) -> torch.Tensor:
-        if attr not in self._direct:
-            self._direct[attr] = direct_device_view(self.host[attr], str(self.device))
-        return self._direct[attr]
+        """The tensor as a device tensor on the mapped host memory (direct host access)."""
+        return self._mapped_views[attr]
 
-    def load(self, *layers: LayerRange, channel: int = 0) -> dict[str, torch.Tensor]:
+    def host_view(self, attr: str) -> torch.Tensor:
+        return self._host_views[attr]
+
+    def load(self, *layers: LayerRange, channel: int = 0) -> PendingLoad:
+        """Queue the layers' copies on `channel`'s copy stream (one copy per contiguous run of them in
+        the file); returns at once. Channel c > 0 copies over GPU c's own PCIe link into GPU c, then
+        forwards over the device link."""
         stream = self.streams[channel]
-        hop = torch.device("cuda", channel)
-        out = {}
+        base = self.weights.data_start
+        started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
-            for layer in layers:
-                for attr in layer.attrs:
-                    t = self.host[attr].to(hop, non_blocking=True)
-                    out[attr] = t if hop == self.device else t.to(self.device, non_blocking=True)  # device link
-        stream.synchronize()
-        return out
+            started.record(stream)
+            for run in contiguous_runs(layers):
+                s, e = run[0].start - base, run[-1].end - base
+                if channel == 0:
+                    self._arena[s:e].copy_(self._host[s:e], non_blocking=True)
+                else:
+                    hop = self._staging.setdefault(channel, torch.empty_like(self._arena, device=f"cuda:{channel}"))
+                    hop[s:e].copy_(self._host[s:e], non_blocking=True)
+                    self._arena[s:e].copy_(hop[s:e], non_blocking=True)  # device link
+            done.record(stream)
+        return PendingLoad({attr: self._views[attr] for layer in layers for attr in layer.attrs}, started, done)
+
+    def copy_gbs(self, repeats: int = 3) -> float:
+        """The host->device copy rate of the whole weights (GB/s, best of `repeats` copies timed on the
+        device): the streaming rate of this tier, as `WeightsFile.cold_read_gbs` is the disk's."""
+        best = 0.0
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.streams[0]):
+                a.record()
+                self._arena.copy_(self._host, non_blocking=True)
+                b.record()
+            b.synchronize()
+            best = max(best, self._arena.numel() / (a.elapsed_time(b) * 1e6))
+        return best
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether `t` lives in the device arena (the next run overwrites it)."""
+        return t.untyped_storage().data_ptr() == self._arena.untyped_storage().data_ptr()
 
     def end(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Unregister the host buffer (its mapped views must not be used afterwards)."""
+        if getattr(self, "_registered", False):
+            self._registered = False
+            self._mapped_views.clear()
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 # --- the timeline -----------------------------------------------------------------------------------
@@ -684,6 +751,8 @@ class ColdStartExecutor:
                                  "this program with write_weights")
         if device.startswith("cuda"):
             self.tier: DiskTier | HostTier = HostTier(self.weights, device, plan.channels)
+            # everything but the weights, which this tier streams in itself, goes to the GPU
+            self.program = program = program.to(self.tier.device, skip=self.weights.tensors)
         elif device == "cpu":
             sparse = [layer.name for layer, mode in zip(self.layers, plan.modes())
                       if mode == "direct" and reads_sparsely(layer)]
@@ -732,17 +801,24 @@ class ColdStartExecutor:
         self.program.check_inputs(inputs)
         plan = self.plan
         n = len(self.layers)
+        gpu = isinstance(self.tier, HostTier)
+        if gpu:  # a request's inputs arrive in host memory
+            inputs = tuple(t.to(self.tier.device, non_blocking=True) for t in inputs)  # type: ignore[union-attr]
         channels = max(1, plan.channels)
-        load_times: dict[int, tuple[float, float]] = {}
-        seg_start = [-1.0] * n
-        seg_end = [-1.0] * n
-        waited = [0.0] * n
+        load_marks: dict[int, tuple[Any, Any]] = {}
+        seg_start: list[Any] = [None] * n
+        seg_end: list[Any] = [None] * n
+        stalls: dict[int, list[tuple[Any, Any]]] = {}  # per layer: (before, after) its wait for its load
         futures: dict[int, Future[dict[str, torch.Tensor]]] = {}
+        ready: dict[int, torch.cuda.Event] = {}  # GPU: a group's copies are done when this event is
         loaded: dict[int, dict[str, torch.Tensor]] = {}
         compute_cpus, io_cpus = self._cpus()
         affinity = _pin_this_thread(compute_cpus)
-        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}", initializer=_pin_this_thread,
-                                    initargs=(io_cpus,)) for c in range(channels)]
+        # disk: an I/O thread per channel reads while the compute thread computes; GPU: the compute thread
+        # queues the copies on the copy streams itself (a cudaMemcpyAsync from registered memory returns at once)
+        pools = [] if gpu else [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}", initializer=_pin_this_thread,
+                               initargs=(io_cpus,)) for c in range(channels)]
         try:
             for pool in pools:  # start the I/O threads now: a cold model's server has them running already
                 pool.submit(int).result()
@@ -758,30 +834,37 @@ class ColdStartExecutor:
         # it would wait behind the compute thread's Python dispatch; 0.2 ms keeps the channel busy
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         rb0 = read_bytes()
-        t0 = time.perf_counter()
-
-        def ms() -> float:
-            return (time.perf_counter() - t0) * 1e3
-
+        wall0 = time.perf_counter()
+        clock: _Clock = _CudaClock() if gpu else _Clock()
         groups = plan.groups()
         members = group_members(groups)
 
-        def do_load(group: int, channel: int) -> dict[str, torch.Tensor]:
-            start = ms()
-            ranges = [self.weights.by_name[self.layers.layers[i].name] for i in members[group]]
-            out = self.tier.load(*ranges, channel=channel) if isinstance(self.tier, HostTier) else self.tier.load(
-                *ranges)
-            end = ms()
+        def ranges(group: int) -> list[LayerRange]:
+            return [self.weights.by_name[self.layers.layers[i].name] for i in members[group]]
+
+        def do_load(group: int) -> dict[str, torch.Tensor]:  # disk, on the channel's I/O thread
+            start = clock.now()
+            out = self.tier.load(*ranges(group))
+            end = clock.now()
             with lock:
                 for i in members[group]:
-                    load_times[i] = (start, end)
-            return out
+                    load_marks[i] = (start, end)
+            return out  # type: ignore[return-value]
 
         def issue(g: int) -> None:
-            """Hand read group `g` to its channel's I/O thread, once."""
-            if g not in futures:
-                channel = plan.layers[g][3]
-                futures[g] = pools[channel].submit(do_load, g, channel)
+            """Hand read group `g` to its channel, once."""
+            if g in futures:
+                return
+            channel = plan.layers[g][3]
+            if isinstance(self.tier, HostTier):
+                pending = self.tier.load(*ranges(g), channel=channel)
+                for i in members[g]:
+                    load_marks[i] = (pending.started, pending.done)
+                futures[g] = Future()
+                futures[g].set_result(pending.tensors)
+                ready[g] = pending.done
+            else:
+                futures[g] = pools[channel].submit(do_load, g)
 
         # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
         # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
@@ -793,16 +876,15 @@ class ColdStartExecutor:
         env: dict[fx.Node, Any] = {}
         placeholders = iter(inputs)
         current: int | None = None
-        prologue_start = prologue_end = -1.0
-        sync = self.device.startswith("cuda")
-        last_end = 0.0
-        dirty = False  # GPU: kernels queued since the last synchronize
+        prologue: list[Any] = [None, None]
+        last_end: Any = clock.now()
+        queued = False  # GPU: kernels queued since the last mark
 
         def close_compute() -> None:
-            nonlocal last_end, dirty
-            if sync and dirty:
-                torch.cuda.synchronize(self.device)
-                last_end, dirty = ms(), False
+            """GPU: mark where the queued kernels end (CPU marks after every operator)."""
+            nonlocal last_end, queued
+            if queued:
+                last_end, queued = clock.now(), False
 
         try:
             with torch.no_grad():
@@ -825,9 +907,11 @@ class ColdStartExecutor:
                         g = groups[i]
                         if g not in loaded:
                             close_compute()
-                            before = ms()
+                            before = clock.now()
+                            if gpu:  # the compute stream waits, the CPU goes on queueing
+                                torch.cuda.current_stream(self.tier.device).wait_event(ready[g])  # type: ignore[union-attr]
                             loaded[g] = futures[g].result()
-                            waited[i] += ms() - before
+                            stalls.setdefault(i, []).append((before, clock.now()))
                         env[node] = loaded[g][str(_source(node).target)]
                     elif node.op == "call_function":
                         if seg != current and seg is not None:
@@ -835,33 +919,35 @@ class ColdStartExecutor:
                             if current is not None and current >= 0:
                                 seg_end[current] = last_end
                             elif current == -1:
-                                prologue_end = last_end
+                                prologue[1] = last_end
                             if seg >= 0:
-                                seg_start[seg] = ms()
+                                seg_start[seg] = clock.now()
                                 if direct_dense[seg]:
-                                    self.tier.will_need(self.layers.layers[seg].name)
+                                    self.tier.will_need(self.layers.layers[seg].name)  # type: ignore[union-attr]
                             else:
-                                prologue_start = ms()
+                                prologue[0] = clock.now()
                             current = seg
                         args = fx.node.map_arg(node.args, env.__getitem__)
                         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
                         if node in self._lookups:
                             self.tier.will_need_rows(self._lookups[node], args[1])  # type: ignore[union-attr]
                         env[node] = node.target(*args, **kwargs)
-                        if sync:
-                            dirty = True
+                        if gpu:
+                            queued = True
                         else:
-                            last_end = ms()
+                            last_end = clock.now()
                     elif node.op == "output":
                         leaves = fx.node.map_arg(node.args[0], env.__getitem__)
                 close_compute()
-                end = last_end
                 if current is not None and current >= 0:
-                    seg_end[current] = end
+                    seg_end[current] = last_end
                 elif current == -1:
-                    prologue_end = end
+                    prologue[1] = last_end
                 for f in futures.values():
                     f.result()
+                if gpu:  # the first inference is over when its outputs are
+                    torch.cuda.synchronize(self.tier.device)  # type: ignore[union-attr]
+                wall_ms = (time.perf_counter() - wall0) * 1e3
         finally:
             _pin_this_thread(affinity)
             sys.setswitchinterval(switch)
@@ -872,21 +958,58 @@ class ColdStartExecutor:
             futures.clear()
             self.tier.end()
         rb1 = read_bytes()
-        total = max([end, *(e for _, e in load_times.values())])
+        ms = clock.ms
+        end = ms(last_end)
+        load_times = {i: (ms(a), ms(b)) for i, (a, b) in load_marks.items()}
+        # CPU: the run ends with its last read or compute; GPU: when the outputs were ready for the host
+        total = wall_ms if gpu else max([end, *(e for _, e in load_times.values())])
+        prologue_start, prologue_end = (-1.0 if m is None else ms(m) for m in prologue)
         timings = []
+        ends = [-1.0 if m is None else ms(m) for m in seg_end]
         for i, (layer, entry) in enumerate(zip(self.layers, plan.layers)):
             ls, le = load_times.get(i, (-1.0, -1.0))
-            cs, ce = seg_start[i], seg_end[i]
+            cs, ce = (-1.0 if seg_start[i] is None else ms(seg_start[i])), ends[i]
             if cs < 0:  # an empty segment (the layer shares its first use with the next one)
-                cs = ce = max([x for x in seg_end[:i] if x >= 0], default=max(prologue_end, 0.0))
-            timings.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, waited[i]))
+                cs = ce = max([x for x in ends[:i] if x >= 0], default=max(prologue_end, 0.0))
+            waited = sum(ms(b) - ms(a) for a, b in stalls.get(i, ()))
+            timings.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, waited))
         outputs = dict(zip((o.name for o in self.program.outputs), leaves))
-        if isinstance(self.tier, DiskTier):  # an output that is a loaded weight must outlive the next run's loads
-            outputs = {k: v.clone() if isinstance(v, torch.Tensor) and self.tier.holds(v) else v
-                       for k, v in outputs.items()}
+        # an output that is a loaded weight must outlive the next run's loads
+        outputs = {k: v.clone() if isinstance(v, torch.Tensor) and self.tier.holds(v) else v
+                   for k, v in outputs.items()}
         timeline = Timeline(plan.strategy, self.tier.name, total, prologue_start, prologue_end, tuple(timings),
                             None if rb0 is None or rb1 is None else rb1 - rb0, cold)
         return outputs, timeline
+
+
+class _Clock:
+    """Marks of when things happened, in ms since the run began: CPU, the wall clock as they happen."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def now(self) -> Any:
+        return (time.perf_counter() - self.t0) * 1e3
+
+    def ms(self, mark: Any) -> float:
+        return float(mark)
+
+
+class _CudaClock(_Clock):
+    """GPU: marks are events recorded on the current stream (the CPU runs ahead of the device: a mark
+    happens when the device reaches it), read once the run has synchronized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = self.now()
+
+    def now(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, mark: Any) -> float:
+        return float(self.start.elapsed_time(mark))
 
 
 def _pin_this_thread(cpus: set[int] | None) -> set[int] | None:

