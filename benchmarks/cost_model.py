@@ -16,6 +16,12 @@ count), and gradient-boosted trees (sklearn) on graph-level features predicting 
 Metrics: MAPE, share within ±10%, Spearman rank correlation, and query time of the GNN.
 
     python benchmarks/cost_model.py [--db benchmarks/results/cost_model.sqlite] [--steps 3000]
+
+A GPU profile (scripts/collect_gpu_profile.py, on the GPU machine) is evaluated the same way, here
+on CPU JAX: configs are (batch, SM share), the runtime features per-op latencies at SM shares 100%
+and 50%, the FLOPs-linear baseline is fitted per SM share, and results go to cost_model_gpu.*:
+
+    python benchmarks/cost_model.py --device cuda --db gpu.sqlite [--steps 3000]
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
             "spearman": float(spearmanr(pred, true).statistic) if len(true) > 2 else float("nan"), "n": len(true)}
 
 
+def resource(config: Any) -> float:
+    """The config's resource value: threads on CPU, SM share as a fraction (x time quota) on GPU."""
+    if hasattr(config, "threads"):
+        return config.threads
+    return config.sm_share / 100 * config.time_quota
+
+
 def graph_table(samples: list[Any]) -> np.ndarray:
     """Graph-level features for the baselines: the GNN's graph features plus raw log totals."""
     from morphc.predictors.features import graph_features
@@ -50,12 +63,12 @@ def graph_table(samples: list[Any]) -> np.ndarray:
         num = s.graph.numeric
         rows.append(np.concatenate([graph_features(s.graph, s.config), [
             np.log1p(num[:, 0].sum()), np.log1p(num[:, 1].sum()), np.log1p(num[:, 2].sum()),
-            np.log1p(s.graph.num_nodes), s.config.threads, np.log2(s.config.batch)]]))
+            np.log1p(s.graph.num_nodes), resource(s.config), np.log2(s.config.batch)]]))
     return np.asarray(rows)
 
 
 def flops_linear(train: list[Any], test: list[Any]) -> np.ndarray:
-    """latency = a*FLOPs + b*bytes + c*ops + d, non-negative, fitted per thread count."""
+    """latency = a*FLOPs + b*bytes + c*ops + d, non-negative, fitted per thread count (GPU: per SM share)."""
     from scipy.optimize import nnls
 
     def design(ss: list[Any]) -> np.ndarray:
@@ -63,9 +76,9 @@ def flops_linear(train: list[Any], test: list[Any]) -> np.ndarray:
                             + s.graph.numeric[:, 2].sum()) / 1e9, s.graph.num_nodes / 1e3, 1.0] for s in ss])
 
     pred = np.zeros(len(test))
-    for t in sorted({s.config.threads for s in test}):
-        tr = [s for s in train if s.config.threads == t] or train
-        idx = [i for i, s in enumerate(test) if s.config.threads == t]
+    for t in sorted({resource(s.config) for s in test}):
+        tr = [s for s in train if resource(s.config) == t] or train
+        idx = [i for i, s in enumerate(test) if resource(s.config) == t]
         y = np.asarray([s.latency_ms for s in tr])
         coef, _ = nnls(design(tr) / y[:, None], np.ones(len(tr)))  # relative least squares
         pred[idx] = np.maximum(design([test[i] for i in idx]) @ coef, 1e-4)
@@ -114,11 +127,17 @@ def main() -> int:
     parser.add_argument("--db", default=str(RESULTS / "cost_model.sqlite"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--members", type=int, default=None, help="ensemble members (default: the shipped model's)")
-    parser.add_argument("--out", default="cost_model")
+    parser.add_argument("--out", default=None, help="results name (default cost_model; cost_model_gpu on cuda)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: evaluate the GPU profile in --db (scripts/collect_gpu_profile.py)")
     parser.add_argument("--checkpoint", default=None,
                         help="also train on every stable sample (all families, all configs) and save the checkpoint "
                              "here (how the shipped morphc/predictors/checkpoints/cpu-default.npz is made)")
     args = parser.parse_args()
+    gpu = args.device == "cuda"
+    if gpu and Path(args.db).resolve() == (RESULTS / "cost_model.sqlite").resolve():
+        parser.error("--device cuda needs --db of a GPU profile (the default database is the CPU corpus)")
+    args.out = args.out or ("cost_model_gpu" if gpu else "cost_model")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     load_start = load_average()
 
@@ -126,9 +145,11 @@ def main() -> int:
     from morphc.predictors.cost_model import DEFAULT_MEMBERS, NODE_LOSS, TrainItem, make_query, train
 
     args.members = args.members or DEFAULT_MEMBERS
-    from morphc.predictors.dataset import load_samples
+    from morphc.predictors.dataset import gpu_device, load_samples
+    from morphc.predictors.records import RecordsDB
 
-    all_samples = load_samples(args.db)
+    device = gpu_device(RecordsDB(args.db)) if gpu else None  # CPU: this machine's fingerprint, as before
+    all_samples = load_samples(args.db, device=device)
     samples = [s for s in all_samples if not s.unstable]
     dropped = len(all_samples) - len(samples)
     train_s, test_a, test_b = split(samples, HELD_OUT_FAMILIES)
@@ -136,12 +157,16 @@ def main() -> int:
           f"(a) {len(test_a)}, (b) {len(test_b)}")
     t0 = time.time()
     model, losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in train_s],
-                          steps=args.steps, members=args.members)
+                          steps=args.steps, members=args.members, device=device)
     train_s_time = time.time() - t0
 
+    per_resource = "per_sm_share" if gpu else "per_threads"
     results: dict[str, Any] = {"samples": len(samples), "unstable_left_out": dropped, "train": len(train_s),
                                "held_out_families": list(HELD_OUT_FAMILIES), "train_seconds": train_s_time,
                                "final_loss": float(np.mean(losses[-100:])), "splits": {}}
+    if gpu:
+        results["device"] = device
+        results["runtime_feature_samples"] = sum(s.runtime is not None for s in samples)
     preds: dict[str, dict[str, np.ndarray]] = {}
     for name, test in (("a", test_a), ("b", test_b)):
         if not test:
@@ -155,36 +180,39 @@ def main() -> int:
              "gradient-boosted trees": gbt(train_s, test)}
         preds[name] = {**p, "measured": true}
         results["splits"][name] = {k: metrics(v, true) for k, v in p.items()}
-        results["splits"][name]["GNN (+ per-op runtime features)"] = metrics(with_rt, rt_true)
+        if len(rt_true):  # a GPU profile without MPS has no second per-op share, hence no runtime features
+            results["splits"][name]["GNN (+ per-op runtime features)"] = metrics(with_rt, rt_true)
         floor_pred, floor_true = remeasurement(test)
         if len(floor_true) > 2:
             results["splits"][name]["re-measurement (noise floor)"] = metrics(floor_pred, floor_true)
         results["splits"][name]["per_family"] = {
             fam: metrics(static[idx], true[idx]) for fam in sorted({s.family for s in test})
             if len(idx := [i for i, s in enumerate(test) if s.family == fam]) > 2}
-        results["splits"][name]["per_threads"] = {
-            str(t): metrics(static[idx], true[idx]) for t in sorted({s.config.threads for s in test})
-            if len(idx := [i for i, s in enumerate(test) if s.config.threads == t]) > 2}
+        results["splits"][name][per_resource] = {
+            _knob(s.config): metrics(static[idx], true[idx]) for s in _one_per_resource(test)
+            if len(idx := [i for i, x in enumerate(test) if resource(x.config) == resource(s.config)]) > 2}
 
     # query time: one program end to end (feature extraction + jitted forward) and batched
     import morphc
     from morphc.predictors.corpus import variant
-    from morphc.predictors.spaces import CpuConfig
+    from morphc.predictors.spaces import CpuConfig, GpuConfig
 
-    v = variant(test_a[0].variant)
+    probe = test_a or test_b or train_s  # a small GPU profile may hold out no config of a seen model
+    v = variant(probe[0].variant)
     models, inputs = v.build(1)
     program = morphc.lower(models, inputs)
-    model.predict(program, CpuConfig(threads=1))
+    config = GpuConfig(sm_share=100) if gpu else CpuConfig(threads=1)
+    model.predict(program, config)
     model._graphs.clear()
     t = time.perf_counter()
-    model.predict(program, CpuConfig(threads=1))
+    model.predict(program, config)
     cold = (time.perf_counter() - t) * 1e3
     reps = [time.perf_counter()]
     for _ in range(50):
-        model.predict(program, CpuConfig(threads=1))
+        model.predict(program, config)
         reps.append(time.perf_counter())
     single = float(np.median(np.diff(reps)) * 1e3)
-    queries = [make_query(s.graph, s.config) for s in test_a[:64]]
+    queries = [make_query(s.graph, s.config) for s in probe[:64]]
     model.predict_queries(queries)
     t = time.perf_counter()
     model.predict_queries(queries)
@@ -194,21 +222,35 @@ def main() -> int:
 
     plot = RESULTS / f"{args.out}.png"
     _plot(preds, plot)
-    body = _report(results, plot.name)
-    path = write_results(args.out, title="Latency cost model: predicted vs measured", results=results, body_md=body,
-                         settings={"db": args.db, "steps": args.steps, "seed": 0, "members": args.members,
-                                   "node_loss": NODE_LOSS}, load_at_start=load_start)
+    body = _report_gpu(results, plot.name) if gpu else _report(results, plot.name)
+    title = "GPU latency cost model: predicted vs measured" if gpu else "Latency cost model: predicted vs measured"
+    settings = {"db": args.db, "steps": args.steps, "seed": 0, "members": args.members, "node_loss": NODE_LOSS}
+    path = write_results(args.out, title=title, results=results, body_md=body,
+                         settings={**settings, "device": args.device} if gpu else settings, load_at_start=load_start)
     print(body)
     print(f"wrote {path}")
     if args.checkpoint:
         full, full_losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in samples],
-                                  steps=args.steps, members=args.members)
+                                  steps=args.steps, members=args.members, device=device)
         full.meta["trained"]["db"] = Path(args.db).name
         full.meta["trained"]["statistic"] = "p10_ms"
         full.save(args.checkpoint)
         print(f"saved checkpoint trained on all {len(samples)} stable samples (final loss "
               f"{np.mean(full_losses[-100:]):.4f}) to {args.checkpoint}")
     return 0
+
+
+def _knob(config: Any) -> str:
+    """The per-resource results key: the thread count on CPU, the SM share on GPU."""
+    return str(config.threads) if hasattr(config, "threads") else str(config.sm_share)
+
+
+def _one_per_resource(test: list[Any]) -> list[Any]:
+    """One sample per resource value (threads or SM share), in ascending order of the value."""
+    seen: dict[float, Any] = {}
+    for s in test:
+        seen.setdefault(resource(s.config), s)
+    return [seen[k] for k in sorted(seen)]
 
 
 def _plot(preds: dict[str, dict[str, np.ndarray]], path: Path) -> None:
@@ -246,16 +288,36 @@ def _report(results: dict[str, Any], plot_name: str) -> str:
              "re-measurement row is the noise floor: one pass predicted by the median of the other passes of the "
              "same config (this VM's CPU speed drifts between sessions far more than within one).\n",
              "Goals: (a) MAPE ≤ 5% and ≥ 90% within ±10%; (b) MAPE ≤ 8% and Spearman ≥ 0.95.\n"]
+    return "\n\n".join(parts + _tables(results, plot_name, "per_threads", "threads", "thread count"))
+
+
+def _report_gpu(results: dict[str, Any], plot_name: str) -> str:
+    parts = [f"GPU profile of `{results['device']}`: {results['samples'] + results['unstable_left_out']} measured "
+             f"(program, batch, SM share) samples, {results['samples']} used ({results['unstable_left_out']} left out "
+             f"as unstable: p90/p10 > 10); {results['runtime_feature_samples']} with per-op runtime features (op "
+             f"latencies at SM shares 100% and 50%). GNN trained on {results['train']} in "
+             f"{results['train_seconds']:.0f} s (on this machine's CPU). Held-out families: "
+             f"{', '.join(results['held_out_families'])}.\n",
+             "Measured latency = the 10th percentile of synchronized eager calls on the GPU, one MPS client process "
+             "per SM share (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`), time quota 1.0 (FaST-GShare's quota is not "
+             "applied); see the collection's summary JSON for whether MPS applied the shares on that machine.\n",
+             "Goals (as on CPU): (a) MAPE ≤ 5% and ≥ 90% within ±10%; (b) MAPE ≤ 8% and Spearman ≥ 0.95. "
+             "RaPP reported 4.46-5.29% MAPE on its GPU space.\n"]
+    return "\n\n".join(parts + _tables(results, plot_name, "per_sm_share", "sm_share", "SM share"))
+
+
+def _tables(results: dict[str, Any], plot_name: str, per: str, knob: str, label: str) -> list[str]:
+    parts = []
     for name, title in (("a", "(a) held-out configurations of seen models"), ("b", "(b) held-out model families")):
         if name not in results["splits"]:
             continue
         rows = [[k, f"{m['mape_pct']:.1f}", f"{m['within_10pct']:.0f}", f"{m['spearman']:.3f}", m["n"]]
-                for k, m in results["splits"][name].items() if k not in ("per_family", "per_threads")]
+                for k, m in results["splits"][name].items() if k not in ("per_family", per)]
         parts.append(f"## {title}\n\n" + markdown_table(["model", "MAPE %", "within ±10% (%)", "Spearman", "n"], rows))
         fam = [[k, f"{m['mape_pct']:.1f}", f"{m['within_10pct']:.0f}", f"{m['spearman']:.3f}", m["n"]]
-               for k, m in {**{f"threads={t}": m for t, m in results["splits"][name]["per_threads"].items()},
+               for k, m in {**{f"{knob}={t}": m for t, m in results["splits"][name][per].items()},
                             **results["splits"][name]["per_family"]}.items()]
-        parts.append("GNN (static) by thread count and family:\n\n" +
+        parts.append(f"GNN (static) by {label} and family:\n\n" +
                      markdown_table(["subset", "MAPE %", "within ±10% (%)", "Spearman", "n"], fam))
     q = results["query_ms"]
     parts.append(f"## Query time (GNN, CPU, after jit)\n\nnew program (feature extraction + forward): "
@@ -263,7 +325,7 @@ def _report(results: dict[str, Any], plot_name: str) -> str:
                  f"{q['repeat_same_program']:.2f} ms; batched, 64 queries: {q['batched_64_per_query']:.3f} ms per "
                  f"query (program: `{q['program']}`).")
     parts.append(f"![predicted vs measured]({plot_name})")
-    return "\n\n".join(parts)
+    return parts
 
 
 if __name__ == "__main__":

@@ -393,7 +393,7 @@ class FakeCudart:
 def test_direct_host_access_wraps_registered_memory_without_copying() -> None:
     host = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     interface = cuda_array_interface(host)
-    assert interface == {"shape": (3, 4), "typestr": "<f4", "data": (host.data_ptr(), True), "strides": None,
+    assert interface == {"shape": (3, 4), "typestr": "<f4", "data": (host.data_ptr(), False), "strides": None,
                          "version": 3}
     cudart = FakeCudart()
     seen = {}

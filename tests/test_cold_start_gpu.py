@@ -100,6 +100,19 @@ def test_the_device_holds_no_weight_before_its_load(lookup) -> None:
 
 
 @cuda
+def test_a_warm_run_finds_the_weights_on_the_device(lookup) -> None:
+    """Warm on the GPU means resident: nothing is copied, and the outputs are the same."""
+    program, weights = lookup
+    exe = ColdStartExecutor(_schedule(program, "pipeline"), weights, device="cuda")
+    cold, _ = exe.run(*program.example_inputs, cold=True)
+    warm, timeline = exe.run(*program.example_inputs, cold=False)
+    assert all(t.load_start_ms == -1.0 for t in timeline.layers)
+    assert all(t.dispatch_ms > 0 for t in timeline.layers if t.compute_end_ms > t.compute_start_ms)
+    for k, ref in cold.items():
+        torch.testing.assert_close(warm[k], ref)
+
+
+@cuda
 def test_direct_host_access_reads_the_registered_host_memory(lookup) -> None:
     _, weights = lookup
     tier = HostTier(weights, "cuda")
@@ -122,6 +135,7 @@ def test_the_layer_profile_is_measured_on_the_host_tier(lookup) -> None:
     assert costs.tier == "host" and costs.bandwidth_gbs > 0
     assert len(costs.layers) == len(group_layers(program))
     assert all(c.load_ms > 0 and c.compute_ms >= 0 and c.direct_ms >= c.compute_ms for c in costs.layers)
+    assert sum(c.dispatch_ms for c in costs.layers) > 0  # the CPU's time queueing kernels is measured
     planned = morphc.Pipeline.parse("insert-load-schedule").run(
         program, PassContext(device="cuda", reproducer_dir=None, options={"layer-profile": costs}))
     out, _ = ColdStartExecutor(planned, weights, device="cuda").run(*program.example_inputs)

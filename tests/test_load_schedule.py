@@ -72,14 +72,40 @@ def resnet() -> tuple[morphc.Program, tuple[torch.Tensor, ...]]:
 def layer_costs(draw: st.DrawFn) -> LayerCosts:
     n = draw(st.integers(0, 24))
     ms = st.floats(0.0, 50.0, allow_nan=False)
+    tier = draw(st.sampled_from(["disk", "host"]))
     layers = []
     for i in range(n):
         nbytes = draw(st.integers(0, 10**8))
-        layers.append(LayerCost(f"l{i}", nbytes, draw(st.integers(0, nbytes)), draw(ms), draw(ms), draw(ms)))
-    return LayerCosts(tuple(layers), draw(ms), "analytic", draw(st.sampled_from(["disk", "host"])),
+        layers.append(LayerCost(f"l{i}", nbytes, draw(st.integers(0, nbytes)), draw(ms), draw(ms), draw(ms),
+                                draw(ms) if tier == "host" else 0.0))  # GPU: the CPU queues kernels
+    return LayerCosts(tuple(layers), draw(ms), "analytic", tier,
                       draw(st.floats(0.01, 100.0)), draw(st.sampled_from([0.0, 1.0, 50.0])),
                       read_overhead_ms=draw(st.floats(0.0, 5.0)), overlap_slowdown=draw(st.floats(1.0, 2.0)),
                       readahead_bytes=draw(st.sampled_from([0, 128 << 10, 8 << 20])))
+
+
+def test_on_a_gpu_the_cpu_queues_kernels_while_the_copies_run() -> None:
+    """Eager GPU execution: the CPU queues each segment's kernels (dispatch) without waiting for loads, the
+    device runs a segment once it is queued and its load is in. On-demand then costs max(copies, CPU)
+    plus what the device still has to run, not copies + CPU; and nothing beats the CPU's own time."""
+    layers = tuple(LayerCost(f"l{i}", 1000, 1000, 1.0, 0.1, 5.0, 2.0) for i in range(4))
+    gpu = LayerCosts(layers, 0.0, "measured", "host", 1.0)
+    modes, chan = ["load"] * 4, [0] * 4
+    _, on_demand = simulate(gpu, modes, [-1] * 4, chan, 1, barrier=True)
+    _, pipeline = simulate(gpu, modes, [-1] * 4, chan, 1)
+    assert on_demand == pytest.approx(8.0)  # the CPU's 4 x 2 ms, the copies' 4 ms hidden under it
+    assert pipeline == pytest.approx(8.0)
+    # with loads slower than the CPU, on-demand pays the copies and then only the device's compute
+    slow = LayerCosts(tuple(LayerCost(c.name, 1000, 1000, 3.0, 0.1, 5.0, 2.0) for c in layers), 0.0, "measured",
+                      "host", 1.0)
+    _, on_demand = simulate(slow, modes, [-1] * 4, chan, 1, barrier=True)
+    _, pipeline = simulate(slow, modes, [-1] * 4, chan, 1)
+    assert on_demand == pytest.approx(12.0 + 0.4)
+    assert pipeline == pytest.approx(12.0 + 0.1)
+    # without dispatch (the disk tier: compute is synchronous) the model is what it was
+    sync = LayerCosts(tuple(LayerCost(c.name, 1000, 1000, 1.0, 0.1, 5.0) for c in layers), 0.0, "measured",
+                      "disk", 1.0)
+    assert simulate(sync, modes, [-1] * 4, chan, 1, barrier=True)[1] == pytest.approx(4.4)
 
 
 def _check_timeline(costs: LayerCosts, schedule) -> None:

@@ -278,6 +278,9 @@ class LayerCost:
     load_ms: float  # read/copy the layer's weights to the device tier (one channel, cold)
     compute_ms: float  # compute the layer's segment with the weights resident
     direct_ms: float  # compute the segment on the weights where they lie (cold: includes the reads)
+    # CPU time to queue the segment's kernels where the device runs them asynchronously (GPU): the CPU
+    # walks the graph ahead of the device, also while it waits for loads; 0 where compute is synchronous
+    dispatch_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -152,8 +152,11 @@ def save(program: Program, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> Program:
-    """Read a Program written by `save`; SerializationError for corrupt or foreign files."""
+def load(path: str | Path, *, metadata: bool = True) -> Program:
+    """Read a Program written by `save`; SerializationError for corrupt or foreign files.
+
+    `metadata=False` skips computing node metadata (shapes, FLOPs: most of the load time): for a
+    program that is only run, e.g. timed on another device; passes and printing need the metadata."""
     path = Path(path)
     if not path.is_file():
         raise SerializationError(f"no saved program at '{path}'")
@@ -172,7 +175,7 @@ def load(path: str | Path) -> Program:
                                  f"this morphc reads version {VERSION}")
     try:
         doc = json.loads(meta["program"])
-        return _rebuild(doc, tensors)
+        return _rebuild(doc, tensors, metadata)
     except (KeyError, TypeError, ValueError) as exc:
         raise SerializationError(f"'{path}' holds an incomplete program description: {exc!r}") from exc
     except RuntimeError as exc:  # metadata is computed by running the graph on the saved example inputs
@@ -181,7 +184,7 @@ def load(path: str | Path) -> Program:
                                  f"(tensors that do not fit the graph?): {first}") from exc
 
 
-def _rebuild(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Program:
+def _rebuild(doc: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: bool = True) -> Program:
     graph = fx.Graph()
     root = torch.nn.Module()
     env: dict[str, fx.Node] = {}
@@ -209,4 +212,4 @@ def _rebuild(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Program:
                for s in doc["outputs"]]
     examples = [tensors[f"input/{i}"] for i in range(len(inputs))]
     annotations = {a["kind"]: annotation_from_json(a) for a in doc["annotations"]}
-    return Program(fx.GraphModule(root, graph), inputs, outputs, examples, annotations)
+    return Program(fx.GraphModule(root, graph), inputs, outputs, examples, annotations, compute_meta=metadata)

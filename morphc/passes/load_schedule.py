@@ -96,7 +96,10 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
     in direct_ms, and its reads (touched bytes) occupy channel 0's medium meanwhile (one disk, one
     PCIe link), delaying the loads there. On the disk tier the channels share one disk, so each
     of `channels` concurrent reads gets 1/channels of the bandwidth. `barrier`: compute starts
-    only after every load (on-demand).
+    only after every load (on-demand). Where the device computes asynchronously (GPU: `dispatch_ms`
+    > 0), the CPU queues segment after segment without waiting for loads, and the device runs a
+    segment no sooner than its kernels are being queued nor ends it before its last one is: eager
+    execution at batch 1 is mostly the CPU queueing kernels, and a cold start's copies hide under it.
     """
     n = len(costs.layers)
     shared = costs.tier == "disk"
@@ -153,24 +156,26 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
     t += costs.prologue_ms
     timeline = []
     last_load = max((i for i in range(n) if modes[i] == "load"), default=-1)
+    cpu = 0.0  # asynchronous devices: when the CPU has queued the segments so far (it never waits for loads)
     for i, c in enumerate(costs.layers):
         # compute that shares the machine with loads still streaming in runs slower (memory traffic, the
         # I/O thread's share of the GIL and of the cores)
         slow = costs.overlap_slowdown if i < last_load and not barrier else 1.0
+        queued, cpu = cpu, cpu + c.dispatch_ms  # the device starts a segment once its kernels are being queued
         if modes[i] == "load":
             if i not in load_end:
                 serve(channel[i], i)
-            start = max(t, load_end[i])
-            end = start + c.compute_ms * slow
+            start = max(t, load_end[i], queued)
+            end = max(start + c.compute_ms * slow, cpu)  # and ends it no sooner than its last kernel is queued
             timeline.append((load_start[i], load_end[i], start, end))
         else:
-            start = t
+            start = max(t, queued)
             if shared and c.touched_bytes > 0:
                 # one disk: the direct read queues behind the loads in flight, and the kernel reads a
                 # sequential reader's file ahead by up to `readahead_bytes`: those are in flight too
                 serve(0, None, until=t + io_ms(costs.readahead_bytes, costs.bandwidth_gbs))
                 start = max(t, free[0])
-            end = start + c.direct_ms + c.compute_ms * (slow - 1.0)
+            end = max(start + c.direct_ms + c.compute_ms * (slow - 1.0), cpu)
             io = io_ms(c.touched_bytes, costs.bandwidth_gbs)
             if io > 0:
                 injections.append([start, io, 0.0])
@@ -352,15 +357,18 @@ def analytic_costs(program: Program, layers: Layers, *, tier: str, bandwidth_gbs
     mem = DEFAULT_MEMORY_GBS[tier]
     overhead = NODE_OVERHEAD_MS[tier]
 
+    asynchronous = tier == "host"  # the CPU queues GPU kernels (node overhead) while the device runs them
+
     def compute(flops: int, moved: int, nodes: int) -> float:
-        return flops / (gflops * 1e6) + io_ms(moved, mem) + overhead * nodes
+        return flops / (gflops * 1e6) + io_ms(moved, mem) + (0.0 if asynchronous else overhead * nodes)
 
     out = []
     for layer in layers:
         resident = compute(layer.flops, layer.bytes_moved, len(layer.nodes))
         direct = resident + io_ms(layer.touched_bytes, bw * DIRECT_EFFICIENCY[tier])
         load = read_ms(layer.nbytes, bw, READ_OVERHEAD_MS[tier])
-        out.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, resident, direct))
+        out.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, resident, direct,
+                             overhead * len(layer.nodes) if asynchronous else 0.0))
     prologue = compute(layers.prologue_flops, layers.prologue_bytes_moved, len(layers.prologue))
     return LayerCosts(tuple(out), prologue, "analytic", tier, bw, link_gbs or DEFAULT_LINK_GBS,
                       read_overhead_ms=READ_OVERHEAD_MS[tier])

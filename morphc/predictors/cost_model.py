@@ -53,6 +53,7 @@ from morphc.predictors.features import (
     graph_features,
     node_features,
     node_work,
+    runtime_column,
     static_node_block,
 )
 from morphc.predictors.records import device_fingerprint
@@ -395,7 +396,7 @@ class TrainItem:
     """A training example: graph, config, measured latency, optional per-op runtime features."""
 
     graph: OpGraph
-    config: CpuConfig
+    config: CpuConfig | GpuConfig
     latency_ms: float
     runtime: np.ndarray | None = None
     group: str = ""  # family or variant, for reporting
@@ -423,6 +424,12 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
         raise ValueError("train() needs at least one item (is the records database empty?)")
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
+    kinds = sorted({it.config.device for it in items})
+    if len(kinds) > 1:
+        raise ValueError(f"train() fits one device kind (a checkpoint predicts one); the items mix {kinds}")
+    if kinds[0] != "cpu" and device is None:
+        raise ValueError(f"train() on {kinds[0]} items needs `device`: the fingerprint of the machine they were "
+                         "measured on (the records' device field), not this machine's")
     blocks: dict[int, np.ndarray] = {}
     with_rt, without_rt = [], []
     node_targets: list[np.ndarray | None] = []
@@ -431,12 +438,13 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
         q = make_query(it.graph, it.config, None, block)
         without_rt.append(q)
         with_rt.append(make_query(it.graph, it.config, it.runtime, block) if it.runtime is not None else q)
-        column = min(it.config.threads, 2) - 1  # per-op times were measured at 1 and 2 threads
-        node_targets.append(None if it.runtime is None else _node_targets(it.graph, it.runtime[:, column]))
+        column = runtime_column(it.config)  # per-op times were measured at 1 and 2 threads (GPU: 2 SM shares)
+        node_targets.append(None if it.runtime is None or column is None
+                            else _node_targets(it.graph, it.runtime[:, column]))
     targets = np.log(np.asarray([it.latency_ms for it in items], dtype=np.float32))
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
-            "device_kind": "cpu", "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
+            "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                         "members": members, "node_loss": node_loss, "groups": sorted({it.group for it in items}),
                         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}}

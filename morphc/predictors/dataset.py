@@ -8,6 +8,11 @@ Per (variant, batch) the database gets, keyed by the Program's fingerprint:
 Everything is committed as it is measured; a killed collection resumes where it stopped. With
 `lock` set, the timing lock file is held (flock) for chunks of at most `lock_chunk_s` seconds of
 measuring, so other users of shared cores can interleave their own timings between chunks.
+
+A GPU profile (collected by `gpu_collect` on the machine with the GPU) has the same `corpus` and
+`opgraph` records; its `latency` and `op-latency` records are keyed by `GpuConfig.as_record()`
+(batch, sm_share, time_quota) under the GPU's device fingerprint, per-op latencies at the SM shares
+`spaces.GPU_RUNTIME_SHARES`. `load_samples(db, device="cuda")` reads them back.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from morphc.predictors.corpus import Variant
 from morphc.predictors.features import OpGraph, extract
 from morphc.predictors.profiler import LATENCY, OP_LATENCY, LatencyStats, profile_interleaved, profile_ops
 from morphc.predictors.records import RecordsDB, RecordsError, device_fingerprint, program_fingerprint
-from morphc.predictors.spaces import CpuConfig
+from morphc.predictors.spaces import GPU_RUNTIME_SHARES, CpuConfig, GpuConfig
 from morphc.predictors.timing_lock import TimingLock
 
 CORPUS = "corpus"
@@ -196,9 +201,9 @@ class Sample:
     family: str
     fingerprint: str
     graph: OpGraph
-    config: CpuConfig
+    config: CpuConfig | GpuConfig
     latency_ms: float
-    runtime: np.ndarray | None  # [N, 2] per-op ms at 1 and 2 threads, when profiled
+    runtime: np.ndarray | None  # [N, 2] per-op ms at 1 and 2 threads (GPU: at GPU_RUNTIME_SHARES), when profiled
     load: float | None
     unstable: bool = False  # p90/p10 spread above UNUSABLE_SPREAD, or contended (see CONTENDED_RATIO), after retries
     passes: tuple[float, ...] = ()  # the latency of every measurement pass (first pass first); latency_ms: median
@@ -207,9 +212,25 @@ class Sample:
 STATISTIC = "p10_ms"  # the latency the cost model learns; see load_samples
 
 
+def gpu_device(db: RecordsDB) -> str:
+    """The one GPU device fingerprint of `db`'s latency records (a GPU profile comes from one machine)."""
+    found = sorted({r[0] for r in db.conn.execute("SELECT DISTINCT device FROM records WHERE kind=?", (LATENCY,))
+                    if r[0].startswith("cuda")})
+    if not found:
+        devices = sorted({r[0] for r in db.conn.execute("SELECT DISTINCT device FROM records WHERE kind=?",
+                                                        (LATENCY,))})
+        raise RecordsError(f"'{db.path}' holds no GPU latency records (devices with latencies: {devices or 'none'}); "
+                           f"collect a GPU profile with scripts/collect_gpu_profile.py on a GPU machine")
+    if len(found) > 1:
+        raise RecordsError(f"'{db.path}' holds GPU latencies of {len(found)} devices; pass one of them as device=: "
+                           + "; ".join(found))
+    return found[0]
+
+
 def load_samples(db: RecordsDB | str | Path, device: str | None = None, statistic: str = STATISTIC) -> list[Sample]:
-    """Every complete latency sample of the corpus in `db` for `device` (default: this machine); a
-    config measured in several passes (`collect_corpus(repeat=...)`) gives one sample, their median.
+    """Every complete latency sample of the corpus in `db` for `device` (default: this machine; "cuda": the
+    GPU profile in `db`, see `gpu_device`); a config measured in several passes (`collect_corpus(repeat=...)`)
+    gives one sample, their median.
 
     `statistic` is the latency learned: by default the 10th percentile of the interleaved runs, the
     latency of a program that has its cores (on cores shared with other jobs, the median also
@@ -222,7 +243,10 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
         if not Path(db).is_file():
             raise RecordsError(f"records database '{db}' does not exist (collect one with `morphc profile --corpus`)")
         db = RecordsDB(db)
+    if device == "cuda":
+        device = gpu_device(db)
     device = device or device_fingerprint("cpu")
+    gpu = device.startswith("cuda")
     graphs: dict[str, OpGraph] = {}
     samples: list[Sample] = []
     for rec in db.query(kind=CORPUS):
@@ -237,6 +261,9 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
                 raise RecordsError(f"op graph of {rec.model} in '{db.path}': {exc} (re-extract the stored graphs: "
                                    f"scripts/collect_cost_model_data.py --refresh-op-graphs)") from exc
         graph = graphs[fp]
+        if gpu:
+            samples += _gpu_samples(db, rec, graph, device, statistic)
+            continue
         ops = {t: db.get(OP_LATENCY, fp, device, _latency_key(batch, t)) for t in (1, 2)}
         runtime = None
         if all(o is not None for o in ops.values()):
@@ -259,3 +286,35 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
                                   lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD or contended,
                                   tuple(values)))
     return samples
+
+
+def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic: str) -> list[Sample]:
+    """The GPU samples of one corpus (variant, batch) record: one per measured GpuConfig at its batch.
+
+    Runtime features: per-op ms at GPU_RUNTIME_SHARES (both needed; a profile without MPS has only
+    100%, so its samples have none). Unstable: the measurement's own p90/p10 above UNUSABLE_SPREAD
+    (no thread contention on a GPU; its SM share is the process's alone)."""
+    fp, batch = rec.stats["fingerprint"], int(rec.config["batch"])
+    ops = [db.get(OP_LATENCY, fp, device, GpuConfig(batch=batch, sm_share=s).as_record()) for s in GPU_RUNTIME_SHARES]
+    runtime = None
+    if all(o is not None for o in ops):
+        runtime = np.stack([np.asarray(o.stats["ms"], dtype=np.float64) for o in ops], axis=1)  # type: ignore[union-attr]
+        if runtime.shape[0] != graph.num_nodes:
+            raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
+    out = []
+    for lat in db.query(kind=LATENCY, model=fp, device=device):
+        if int(lat.config.get("batch", -1)) != batch or "sm_share" not in lat.config:
+            continue
+        try:
+            config = GpuConfig(batch=batch, sm_share=int(lat.config["sm_share"]),
+                               time_quota=float(lat.config.get("time_quota", 1.0)))
+        except ValueError as exc:
+            raise RecordsError(f"GPU latency record of {rec.model} in '{db.path}' has an invalid config "
+                               f"{lat.config}: {exc}") from exc
+        value = float(lat.stats[statistic])
+        if not (np.isfinite(value) and value > 0):
+            raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {value}")
+        spread = float(lat.stats["p90_ms"]) / max(float(lat.stats["p10_ms"]), 1e-9)
+        out.append(Sample(rec.model, rec.stats["family"], fp, graph, config, value, runtime,
+                          lat.stats.get("load_before"), spread > UNUSABLE_SPREAD, (value,)))
+    return out

@@ -15,6 +15,10 @@ Two steps, so that collected data outlives feature changes:
    a new, never-profiled program is predicted from static features alone. A config whose batch
    differs from the graph's scales the batch-proportional quantities (FLOPs, activation bytes,
    output elements) by the ratio; parameter bytes do not scale.
+   GPU configs use the same layout, so one schema serves both device kinds (a checkpoint is trained
+   on one kind, which it records): the resource value in the threads' place is the SM share as a
+   fraction (sm_share / 100 x time_quota: 1.0, 0.5, 0.2), and the two runtime columns are the
+   op latencies at SM shares `spaces.GPU_RUNTIME_SHARES` (100% and 50%) instead of 1 and 2 threads.
 
 `FEATURE_SCHEMA` names the layout; checkpoints store it and refuse another.
 """
@@ -34,7 +38,7 @@ import torch.fx as fx
 
 from morphc.ir.metadata import OpClass, node_meta, op_name
 from morphc.ir.program import Program
-from morphc.predictors.spaces import CpuConfig, GpuConfig
+from morphc.predictors.spaces import GPU_RUNTIME_SHARES, CpuConfig, GpuConfig
 
 OPGRAPH_VERSION = 2  # 2: pool windows clipped to the padded input, pool stride as attr1
 FEATURE_SCHEMA = "morphc-cost-features-v4"  # v3: pooling windows count as work; v4: windows clipped to the input
@@ -195,7 +199,8 @@ def extract(program: Program) -> OpGraph:
 
 
 def _config_values(graph: OpGraph, config: CpuConfig | GpuConfig) -> tuple[float, float, float]:
-    """(batch, batch ratio, threads-like share) of `config` for `graph`."""
+    """(batch, batch ratio, resource) of `config` for `graph`: the resource is the thread count on CPU, the
+    SM share as a fraction (times the time quota) on GPU."""
     batch = float(config.batch if config.batch is not None else graph.batch)
     share = float(config.threads) if isinstance(config, CpuConfig) else config.sm_share / 100 * config.time_quota
     return batch, batch / graph.batch, share
@@ -214,7 +219,8 @@ def static_node_block(graph: OpGraph) -> np.ndarray:
 
 def node_features(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.ndarray | None = None,
                   static_block: np.ndarray | None = None) -> np.ndarray:
-    """[N, NODE_DIM] float32 features; `runtime` is [N, 2] measured op ms at 1 and 2 threads (or None)."""
+    """[N, NODE_DIM] float32 features; `runtime` is [N, 2] measured op ms at 1 and 2 threads on CPU, at SM
+    shares GPU_RUNTIME_SHARES on GPU (or None)."""
     batch, ratio, share = _config_values(graph, config)
     num = graph.numeric
     flops, act, params, numel = graph.work_flops * ratio, num[:, 1] * ratio, num[:, 2], num[:, 3] * ratio
@@ -225,8 +231,8 @@ def node_features(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.nda
     rt = np.zeros((graph.num_nodes, N_RUNTIME))
     if runtime is not None:
         if runtime.shape != (graph.num_nodes, 2):
-            raise ValueError(f"runtime features must be [{graph.num_nodes}, 2] (op ms at 1 and 2 threads), "
-                             f"got {list(runtime.shape)}")
+            raise ValueError(f"runtime features must be [{graph.num_nodes}, 2] (op ms at 1 and 2 threads, or at "
+                             f"SM shares {GPU_RUNTIME_SHARES} on GPU), got {list(runtime.shape)}")
         rt[:, :2] = np.log1p(np.maximum(runtime, 0.0) * 1e3 * ratio) / 10
         rt[:, 2] = 1.0
     cfg = np.tile([math.log2(batch) / 4, math.log2(ratio) / 4, 1.0 / share, math.log2(share) / 2],
@@ -260,6 +266,18 @@ def graph_features(graph: OpGraph, config: CpuConfig | GpuConfig) -> np.ndarray:
         math.log1p(heavy) / 5, math.log1p(shape_ops) / 5, graph.n_outputs / 4, math.log2(batch) / 4,
         math.log2(ratio) / 4, 1.0 / share, math.log2(share) / 2,
     ], dtype=np.float32)
+
+
+def runtime_column(config: CpuConfig | GpuConfig) -> int | None:
+    """Which column of the runtime features was measured under `config`'s own resources (the per-op
+    times that describe its operators), or None when neither was: on CPU the 1- or 2-thread column
+    (more threads than 2: the 2-thread one); on GPU the column of its SM share, if it is one of
+    GPU_RUNTIME_SHARES at the full time quota."""
+    if isinstance(config, CpuConfig):
+        return min(config.threads, 2) - 1
+    if config.time_quota == 1.0 and config.sm_share in GPU_RUNTIME_SHARES:
+        return GPU_RUNTIME_SHARES.index(config.sm_share)
+    return None
 
 
 def runtime_matrix(graph: OpGraph, per_thread: dict[int, dict[str, float]]) -> np.ndarray | None:

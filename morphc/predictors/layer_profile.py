@@ -74,6 +74,7 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     # virtual disk O_DIRECT and the page cache stream at different rates) is what a read of many bytes
     # gets; per-layer reads also pay a fixed overhead each, which the planner saves by grouping them
     tier = on_demand.tier
+    gpu = isinstance(tier, HostTier)
     bulk = (tier.copy_gbs() if isinstance(tier, HostTier)
             else statistics.median(on_demand.weights.cold_read_gbs(direct=direct_io) for _ in range(3)))
     streaming = max(bulk, bandwidth)
@@ -90,7 +91,10 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
         # time below the resident one is noise (preemption on shared cores), and the planner would chase it
         direct_ms = max(compute, med([t.layers[i].compute_end_ms - t.layers[i].compute_start_ms for t in dr_runs]))
         load = read_ms(layer.nbytes, streaming, overhead) if streaming > 0 else 0.0
-        costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms))
+        # GPU: the CPU time to queue the segment's kernels, which the device's times above do not show
+        # (on-demand's CPU queues everything while the copy runs); on the disk tier compute is synchronous
+        dispatch = med([t.layers[i].dispatch_ms for t in od_runs]) if gpu else 0.0
+        costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms, dispatch))
     # Per-layer medians give each layer's share; whole-run medians give the level. On shared cores a
     # preemption lands on a random layer, so a sum of per-layer medians underestimates a typical run:
     # rescale compute and direct times so that their sums match the median run (recorded in `extra`).
@@ -98,7 +102,9 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
               "direct": _scale(direct_total, [c.direct_ms for c in costs])}
     costs = [replace(c, compute_ms=c.compute_ms * scales["compute"],
                      direct_ms=max(c.compute_ms * scales["compute"], c.direct_ms * scales["direct"])) for c in costs]
-    slowdown = _overlap_slowdown(pl_runs, costs)
+    # GPU: copies do not slow kernels measurably; a pipelined run's segments look slower because the device
+    # waits for the CPU to queue them, which dispatch_ms models
+    slowdown = 1.0 if gpu else _overlap_slowdown(pl_runs, costs)
     o_direct = isinstance(tier, DiskTier) and tier.direct_reads > 0  # the last cold run's loads bypassed the cache
     extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
              "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "overlap_slowdown": slowdown,

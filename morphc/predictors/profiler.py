@@ -11,6 +11,9 @@ shows where it is.
 How each knob is applied is declared in `morphc.predictors.spaces`: `threads` with
 `torch.set_num_threads` around the timed calls; `batch` is a property of the Program (static
 shapes), so a config whose batch differs from the Program's is refused, not silently ignored.
+A GpuConfig is measured by `gpu_profiler` (the program moved to the GPU, CUDA-event per-op times)
+where this process can: a CUDA device, and the SM share its MPS context was started with;
+otherwise it is refused with `DeviceUnavailableError` saying why.
 """
 
 from __future__ import annotations
@@ -99,15 +102,30 @@ def resolve_config(program: Program, config: CpuConfig | GpuConfig) -> CpuConfig
 
 
 def _check_measurable(config: CpuConfig | GpuConfig) -> CpuConfig:
+    """`config` if it is a CpuConfig; a GpuConfig is refused clearly where there is no GPU."""
     if isinstance(config, GpuConfig):
-        raise DeviceUnavailableError(
-            "GPU configs (batch, MPS SM share, time quota) cannot be measured here: this machine has no GPU "
-            "(a GPU profile needs a CUDA device and an MPS daemon)")
+        from morphc.predictors.gpu_profiler import check_cuda
+
+        check_cuda()
+        raise DeviceUnavailableError("GPU configs are measured by profile_program/profile_ops (which move the "
+                                     "program to the GPU) or gpu_profiler; this function measures CPU threads")
     return config
 
 
-def profile_program(program: Program, config: CpuConfig, *, warmup: int = 3, repeats: int = 20) -> LatencyStats:
-    """End-to-end latency of running `program` eagerly on its example inputs under `config`."""
+def profile_program(program: Program, config: CpuConfig | GpuConfig, *, warmup: int = 3,
+                    repeats: int = 20) -> LatencyStats:
+    """End-to-end latency of running `program` eagerly on its example inputs under `config`.
+
+    A GpuConfig is measured on the GPU (`gpu_profiler`; at least `repeats` runs) where this process
+    can: a CUDA device, time_quota 1.0 and the SM share its context was started with."""
+    if isinstance(config, GpuConfig):
+        from morphc.predictors import gpu_profiler
+
+        backend = gpu_profiler.CudaBackend()
+        config = gpu_profiler.check_gpu_config(resolve_config(program, config))  # type: ignore[arg-type]
+        moved, _ = gpu_profiler.to_device(program, backend)
+        return gpu_profiler.profile_program_gpu(moved, config, backend, warmup=warmup, min_runs=repeats,
+                                                max_runs=max(repeats, 200))
     config = _check_measurable(resolve_config(program, config))
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -123,7 +141,8 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
     """End-to-end latency under several configs, measured in interleaved rounds of `per_round` calls.
 
     Interleaving makes load from other processes hit every config alike; the number of runs adapts
-    so each config gets about `target_s` of measurement (between `min_runs` and `max_runs`).
+    so each config gets about `target_s` of measurement (between `min_runs` and `max_runs`). CPU only:
+    a GPU's SM share is fixed per process, so GPU configs cannot be interleaved in one.
     """
     resolved = [_check_measurable(resolve_config(program, c)) for c in configs]
     previous = torch.get_num_threads()
@@ -173,12 +192,21 @@ class _OpTimer(fx.Interpreter):
         return out
 
 
-def profile_ops(program: Program, config: CpuConfig, *, warmup: int = 1, repeats: int = 5) -> dict[str, float]:
+def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int = 1,
+                repeats: int = 5) -> dict[str, float]:
     """Median latency (ms) of every operator node of `program` under `config`, by node name.
 
     Timed one node at a time in an interpreter, so the numbers include a few microseconds of
     Python dispatch per node; they are features (RaPP's runtime features), not a latency sum.
+    A GpuConfig is timed on the GPU with CUDA events per node (`gpu_profiler.profile_ops_gpu`).
     """
+    if isinstance(config, GpuConfig):
+        from morphc.predictors import gpu_profiler
+
+        backend = gpu_profiler.CudaBackend()
+        config = gpu_profiler.check_gpu_config(resolve_config(program, config))  # type: ignore[arg-type]
+        moved, _ = gpu_profiler.to_device(program, backend)
+        return gpu_profiler.profile_ops_gpu(moved, config, backend, warmup=warmup, repeats=repeats)
     config = _check_measurable(resolve_config(program, config))
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -195,15 +223,19 @@ def profile_ops(program: Program, config: CpuConfig, *, warmup: int = 1, repeats
     return {name: statistics.median(ts) for name, ts in timer.times.items()}
 
 
-def collect(programs: Sequence[Program], configs: Iterable[CpuConfig], db: RecordsDB, *, warmup: int = 3,
-            repeats: int = 20, show_progress: bool = True,
-            on_record: Callable[[Program, CpuConfig, LatencyStats], None] | None = None) -> int:
+def collect(programs: Sequence[Program], configs: Iterable[CpuConfig | GpuConfig], db: RecordsDB, *,
+            warmup: int = 3, repeats: int = 20, show_progress: bool = True,
+            on_record: Callable[[Program, CpuConfig | GpuConfig, LatencyStats], None] | None = None) -> int:
     """Measure every (program, config) not yet in `db`; returns how many were measured now.
 
-    Configs are stored with the batch filled in from each program (see `resolve_config`).
+    Configs are stored with the batch filled in from each program (see `resolve_config`); all
+    configs must be of one device kind (its fingerprint keys the records).
     """
-    device = device_fingerprint("cpu")
     configs = list(configs)
+    kinds = {c.device for c in configs}
+    if len(kinds) > 1:
+        raise ValueError(f"collect() measures one device kind at a time; got configs for {sorted(kinds)}")
+    device = device_fingerprint(kinds.pop() if kinds else "cpu")
     todo = [(p, program_fingerprint(p), resolve_config(p, c)) for p in programs for c in configs]
     todo = [(p, fp, c) for p, fp, c in todo if db.get(LATENCY, fp, device, asdict(c)) is None]
     columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -69,8 +70,30 @@ def program_fingerprint(program: Program) -> str:
     return hashlib.blake2b("\n".join(lines).encode(), digest_size=12).hexdigest()
 
 
+def _nvidia_driver() -> str:
+    """The NVIDIA kernel driver's version (from /proc, else nvidia-smi), or "?" where neither answers."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            words = f.readline().split()
+        version = next((w for w in words if w[:1].isdigit() and "." in w), None)
+        if version:
+            return version
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False).stdout.split()
+        return out[0] if out else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def device_fingerprint(device: str = "cpu") -> str:
-    """The machine a measurement describes: CPU model, cores, torch build (and GPU name on cuda)."""
+    """The machine a measurement describes: CPU model, cores, torch build; on cuda also the GPU's name,
+    the CUDA runtime torch was built with and the driver version (not its SM count: under MPS that
+    follows the process's share, which is part of the config, not of the machine).
+
+    On cuda this initialises CUDA in the calling process: call it in the process that measures."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -79,7 +102,7 @@ def device_fingerprint(device: str = "cpu") -> str:
         pass
     parts = [device, cpu, f"cores={os.cpu_count()}", f"torch={torch.__version__}"]
     if device.startswith("cuda") and torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name())
+        parts += [torch.cuda.get_device_name(), f"cuda={torch.version.cuda}", f"driver={_nvidia_driver()}"]
     return "|".join(parts)
 
 

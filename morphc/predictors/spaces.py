@@ -5,17 +5,21 @@ when profiling, and *how each knob is applied when measuring* (the profiler and 
 read the same declaration, so a config means the same thing at collection and prediction time).
 
 CPU (measured here): batch size (the Program is lowered with example inputs of that batch: shapes
-are static) and intra-op threads (`torch.set_num_threads`). GPU (declared as RaPP and FaST-GShare
-define it, not measurable on this project's machines, which have no GPU): batch size, SM share
-(the MPS active-thread percentage, `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, set on the client process
-before it creates its CUDA context) and time quota (the share of each scheduling window the
-process may hold the GPU, FaST-GShare's token bucket). `GpuConfig` validates and describes those
-knobs so records and checkpoints can carry them; measuring one raises `DeviceUnavailableError`.
+are static) and intra-op threads (`torch.set_num_threads`). GPU (RaPP's and FaST-GShare's space):
+batch size, SM share (the MPS active-thread percentage, `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, read
+by CUDA when the process creates its context, so one process measures one share:
+`gpu_collect` starts one worker per share under an MPS daemon) and time quota (the share of each
+scheduling window the process may hold the GPU, FaST-GShare's token bucket). Batch and SM share
+are measurable where a GPU is (and, below 100%, where an MPS daemon runs: the collection checks
+that it does and says so when it does not); the time quota needs FaST-GShare's scheduler, which
+morphc does not have, so GPU measurements are all at time_quota=1.0 and a lower quota is refused
+(`DeviceUnavailableError`), never faked. A knob's `measurable_here` answers for this machine.
 """
 
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,14 +35,46 @@ class ConfigError(MorphcError, ValueError):
     """A serving config with an unknown knob or a value outside its valid range."""
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"  # the MPS control daemon's executable
+# SM shares at which GPU per-operator latencies are measured: the two columns of the GPU runtime features
+# (features.node_features), as 1 and 2 threads are on CPU (RaPP: per-op latency under a few resource shares)
+GPU_RUNTIME_SHARES: tuple[int, int] = (100, 50)
+
+
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA device (imported and asked only when called: no CUDA at import)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+# What a knob needs to be measured, checked by `Knob.measurable_here`: "" nothing beyond the CPU.
+_NEEDS: dict[str, Any] = {
+    "": lambda: True,
+    "gpu": gpu_available,
+    "gpu+mps": lambda: gpu_available() and shutil.which(MPS_CONTROL) is not None,
+    "fast-gshare": lambda: False,  # FaST-GShare's token-bucket scheduler: not part of morphc
+}
+
+
 @dataclass(frozen=True)
 class Knob:
-    """One resource knob: the values profiling sweeps and how the profiler applies it."""
+    """One resource knob: the values profiling sweeps, how the profiler applies it, what measuring it needs."""
 
     name: str
     values: tuple[Any, ...]
     applied: str  # how the knob is applied when measuring (shown by `morphc profile --space`)
-    measurable_here: bool = True
+    needs: str = ""  # "" (nothing), "gpu", "gpu+mps" or "fast-gshare"
+
+    def __post_init__(self) -> None:
+        if self.needs not in _NEEDS:
+            raise ValueError(f"Knob.needs must be one of {sorted(_NEEDS)}, got {self.needs!r}")
+
+    @property
+    def measurable_here(self) -> bool:
+        """Whether this machine can measure the knob's values (for sm_share: an MPS control daemon is
+        installed; whether it runs is only known by starting it, which the GPU collection does)."""
+        return bool(_NEEDS[self.needs]())
 
 
 @dataclass(frozen=True)
@@ -86,6 +122,7 @@ class GpuConfig:
         return GpuConfig(batch=batch, sm_share=self.sm_share, time_quota=self.time_quota)
 
     def as_record(self) -> dict[str, Any]:
+        """The records-database key of this config."""
         return asdict(self)
 
 
@@ -130,16 +167,20 @@ CPU = DeviceProfile(
 GPU = DeviceProfile(
     kind="cuda",
     knobs=(
-        Knob("batch", (1, 2, 4, 8, 16, 32), "the Program is lowered with example inputs of this batch",
-             measurable_here=False),
+        Knob("batch", (1, 2, 4, 8, 16, 32), "the Program is lowered with example inputs of this batch and run eagerly "
+             "on the GPU (parameters and inputs moved there once)", needs="gpu"),
         Knob("sm_share", (10, 20, 30, 50, 70, 100),
-             "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for the measuring process (needs an MPS daemon), as RaPP",
-             measurable_here=False),
+             "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the measuring process, set before it creates its CUDA context, "
+             "under an MPS control daemon (one worker process per share), as RaPP; without a working MPS daemon "
+             "only 100 is measured", needs="gpu+mps"),
         Knob("time_quota", (0.25, 0.5, 0.75, 1.0),
-             "share of each scheduling window the process may run kernels (FaST-GShare's time token bucket)",
-             measurable_here=False),
+             "share of each scheduling window the process may run kernels (FaST-GShare's time token bucket): "
+             "not applied, morphc has no such scheduler; GPU measurements are at 1.0 (the whole window) and "
+             "a lower quota is refused", needs="fast-gshare"),
     ),
-    description="declared only: this project's machines have no GPU, so no GPU profile is collected",
+    description="eager torch on one CUDA device; SM share through MPS (scripts/collect_gpu_profile.py checks "
+                "that MPS runs and falls back to share 100 when it does not), time quota 1.0 only",
+    notes=("a GPU profile is measured on the machine that has the GPU, into its own records database",),
 )
 
 PROFILES: dict[str, DeviceProfile] = {"cpu": CPU, "cuda": GPU}

@@ -536,7 +536,7 @@ def cuda_array_interface(host: torch.Tensor) -> dict[str, Any]:
         raise ColdStartError(f"direct host access cannot wrap dtype {host.dtype}; supported: {list(_TYPESTR)}")
     if not host.is_contiguous():
         raise ColdStartError("direct host access needs a contiguous host tensor")
-    return {"shape": tuple(host.shape), "typestr": _TYPESTR[host.dtype], "data": (host.data_ptr(), True),
+    return {"shape": tuple(host.shape), "typestr": _TYPESTR[host.dtype], "data": (host.data_ptr(), False),
             "strides": None, "version": 3}
 
 
@@ -600,7 +600,11 @@ class HostTier:
             f.readinto(memoryview(self._host.numpy()))
         register_mapped(self._host)
         self._registered = True
-        mapped = torch.as_tensor(_CudaArray(cuda_array_interface(self._host), self._host), device=self.device)
+        try:  # torch reads the pointer's attributes and refuses unregistered host memory
+            mapped = torch.as_tensor(_CudaArray(cuda_array_interface(self._host), self._host), device=self.device)
+        except BaseException:
+            self.close()  # a later buffer at the same address could not be registered again
+            raise
         self._mapped_views = {attr: e.view_in(mapped, base) for attr, e in weights.tensors.items()}
         self._host_views = {attr: e.view_in(self._host, base) for attr, e in weights.tensors.items()}
         # where loads land: allocated once and kept (PipeSwitch's memory daemon keeps GPU memory too), so a
@@ -613,9 +617,17 @@ class HostTier:
                         for c in range(channels)]
 
     def begin(self, cold: bool) -> None:
-        if cold:  # the device holds no weight: a layer computed before its load would see zeros
+        """Cold: the device holds no weight (a layer computed before its load would see zeros). Warm: it
+        holds them all (copied now, before the run), as a model that stayed resident does."""
+        if cold:
             self._arena.zero_()
+        else:
+            self._arena.copy_(self._host)
         torch.cuda.synchronize(self.device)
+
+    def resident(self, attr: str) -> torch.Tensor:
+        """The tensor where a warm run finds it, on the device."""
+        return self._views[attr]
 
     def view(self, attr: str) -> torch.Tensor:
         """The tensor as a device tensor on the mapped host memory (direct host access)."""
@@ -669,8 +681,8 @@ class HostTier:
         """Unregister the host buffer (its mapped views must not be used afterwards)."""
         if getattr(self, "_registered", False):
             self._registered = False
-            self._mapped_views.clear()
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            getattr(self, "_mapped_views", {}).clear()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -689,7 +701,8 @@ class LayerTiming:
     load_end_ms: float
     compute_start_ms: float
     compute_end_ms: float
-    wait_ms: float  # time the compute thread stalled waiting for this layer's load
+    wait_ms: float  # time compute stalled waiting for this layer's load (GPU: the device's stall)
+    dispatch_ms: float = 0.0  # CPU time the compute thread spent on the segment (GPU: queueing its kernels)
 
 
 @dataclass(frozen=True)
@@ -808,17 +821,16 @@ class ColdStartExecutor:
         load_marks: dict[int, tuple[Any, Any]] = {}
         seg_start: list[Any] = [None] * n
         seg_end: list[Any] = [None] * n
+        dispatched = [0.0] * n  # CPU ms per segment
         stalls: dict[int, list[tuple[Any, Any]]] = {}  # per layer: (before, after) its wait for its load
-        futures: dict[int, Future[dict[str, torch.Tensor]]] = {}
-        ready: dict[int, torch.cuda.Event] = {}  # GPU: a group's copies are done when this event is
+        futures: dict[int, Future[Any]] = {}
         loaded: dict[int, dict[str, torch.Tensor]] = {}
         compute_cpus, io_cpus = self._cpus()
         affinity = _pin_this_thread(compute_cpus)
-        # disk: an I/O thread per channel reads while the compute thread computes; GPU: the compute thread
-        # queues the copies on the copy streams itself (a cudaMemcpyAsync from registered memory returns at once)
-        pools = [] if gpu else [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}", initializer=_pin_this_thread,
-                               initargs=(io_cpus,)) for c in range(channels)]
+        # an I/O thread per channel: disk, it reads while the compute thread computes; GPU, it queues the
+        # copies on the channel's copy stream (~20 us of CPU each) while the compute thread queues kernels
+        pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"morphc-io{c}", initializer=_pin_this_thread,
+                                    initargs=(io_cpus,)) for c in range(channels)]
         try:
             for pool in pools:  # start the I/O threads now: a cold model's server has them running already
                 pool.submit(int).result()
@@ -842,29 +854,32 @@ class ColdStartExecutor:
         def ranges(group: int) -> list[LayerRange]:
             return [self.weights.by_name[self.layers.layers[i].name] for i in members[group]]
 
-        def do_load(group: int) -> dict[str, torch.Tensor]:  # disk, on the channel's I/O thread
-            start = clock.now()
-            out = self.tier.load(*ranges(group))
-            end = clock.now()
+        def do_load(group: int, channel: int) -> dict[str, torch.Tensor] | PendingLoad:  # on the I/O thread
+            if isinstance(self.tier, HostTier):  # queued: the copy stream's events time it
+                pending = self.tier.load(*ranges(group), channel=channel)
+                marks = (pending.started, pending.done)
+                out: dict[str, torch.Tensor] | PendingLoad = pending
+            else:
+                start = clock.now()
+                out = self.tier.load(*ranges(group))
+                marks = (start, clock.now())
             with lock:
                 for i in members[group]:
-                    load_marks[i] = (start, end)
-            return out  # type: ignore[return-value]
+                    load_marks[i] = marks
+            return out
+
+        resident = gpu and not cold  # GPU warm: the weights are on the device already, nothing to copy
 
         def issue(g: int) -> None:
-            """Hand read group `g` to its channel, once."""
+            """Hand read group `g` to its channel's I/O thread, once."""
             if g in futures:
                 return
-            channel = plan.layers[g][3]
-            if isinstance(self.tier, HostTier):
-                pending = self.tier.load(*ranges(g), channel=channel)
-                for i in members[g]:
-                    load_marks[i] = (pending.started, pending.done)
+            if resident:
                 futures[g] = Future()
-                futures[g].set_result(pending.tensors)
-                ready[g] = pending.done
-            else:
-                futures[g] = pools[channel].submit(do_load, g)
+                futures[g].set_result({a: self.tier.resident(a) for r in ranges(g) for a in r.attrs})  # type: ignore[union-attr]
+                return
+            channel = plan.layers[g][3]
+            futures[g] = pools[channel].submit(do_load, g, channel)
 
         # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
         # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
@@ -879,6 +894,7 @@ class ColdStartExecutor:
         prologue: list[Any] = [None, None]
         last_end: Any = clock.now()
         queued = False  # GPU: kernels queued since the last mark
+        seg_wall = wall_last = 0.0  # when the CPU began the current segment, and finished its last operator
 
         def close_compute() -> None:
             """GPU: mark where the queued kernels end (CPU marks after every operator)."""
@@ -908,15 +924,19 @@ class ColdStartExecutor:
                         if g not in loaded:
                             close_compute()
                             before = clock.now()
-                            if gpu:  # the compute stream waits, the CPU goes on queueing
-                                torch.cuda.current_stream(self.tier.device).wait_event(ready[g])  # type: ignore[union-attr]
-                            loaded[g] = futures[g].result()
+                            got = futures[g].result()
+                            if isinstance(got, PendingLoad):  # the compute stream waits, the CPU goes on queueing
+                                torch.cuda.current_stream(self.tier.device).wait_event(got.done)  # type: ignore[union-attr]
+                                got = got.tensors
+                            loaded[g] = got
                             stalls.setdefault(i, []).append((before, clock.now()))
                         env[node] = loaded[g][str(_source(node).target)]
                     elif node.op == "call_function":
                         if seg != current and seg is not None:
                             close_compute()
+                            wall = time.perf_counter()
                             if current is not None and current >= 0:
+                                dispatched[current] += (wall_last - seg_wall) * 1e3
                                 seg_end[current] = last_end
                             elif current == -1:
                                 prologue[1] = last_end
@@ -926,12 +946,13 @@ class ColdStartExecutor:
                                     self.tier.will_need(self.layers.layers[seg].name)  # type: ignore[union-attr]
                             else:
                                 prologue[0] = clock.now()
-                            current = seg
+                            current, seg_wall = seg, wall
                         args = fx.node.map_arg(node.args, env.__getitem__)
                         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
                         if node in self._lookups:
                             self.tier.will_need_rows(self._lookups[node], args[1])  # type: ignore[union-attr]
                         env[node] = node.target(*args, **kwargs)
+                        wall_last = time.perf_counter()
                         if gpu:
                             queued = True
                         else:
@@ -940,6 +961,7 @@ class ColdStartExecutor:
                         leaves = fx.node.map_arg(node.args[0], env.__getitem__)
                 close_compute()
                 if current is not None and current >= 0:
+                    dispatched[current] += (wall_last - seg_wall) * 1e3
                     seg_end[current] = last_end
                 elif current == -1:
                     prologue[1] = last_end
@@ -972,7 +994,7 @@ class ColdStartExecutor:
             if cs < 0:  # an empty segment (the layer shares its first use with the next one)
                 cs = ce = max([x for x in ends[:i] if x >= 0], default=max(prologue_end, 0.0))
             waited = sum(ms(b) - ms(a) for a, b in stalls.get(i, ()))
-            timings.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, waited))
+            timings.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, waited, dispatched[i]))
         outputs = dict(zip((o.name for o in self.program.outputs), leaves))
         # an output that is a loaded weight must outlive the next run's loads
         outputs = {k: v.clone() if isinstance(v, torch.Tensor) and self.tier.holds(v) else v
