@@ -111,7 +111,8 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     load_start = common.load_average()
     costs = profile_layers(program, db, weights, runs=profile_runs, refresh=not reuse_profile, direct_io=not page_cache,
                            device=device)
-    ctx = PassContext(records=db, reproducer_dir=None, device="cuda" if gpu else "cpu")
+    ctx = PassContext(records=db, reproducer_dir=None, device="cuda" if gpu else "cpu",
+                      options={"load-io": "page-cache"} if page_cache else {})
     scheduled = {s: morphc.Pipeline.parse(f"insert-load-schedule{{strategy={s}}}").run(program, ctx)
                  for s in STRATEGIES}
     # each schedule runs on the file written for it, as it would be deployed: the loaded layers first

@@ -324,6 +324,19 @@ def test_pass_uses_a_profile_from_the_records_database(bert) -> None:
     assert _schedule(program, records=other).annotation(LoadPlan).profile == "analytic"
 
 
+def test_a_profile_in_the_executors_io_mode_is_preferred_to_a_newer_one(bert) -> None:
+    """The executor loads with O_DIRECT by default: a newer page-cache profile (a --page-cache benchmark's)
+    must not plan its runs; asked for the page-cache mode, the pass takes that one."""
+    program, _ = bert
+    db = RecordsDB(":memory:")
+    key, device = layer_profile_key(program), device_fingerprint("cpu")
+    db.put(PROFILE_KIND, key, device, {"tier": "disk", "io": "o-direct"}, _fake_profile(program, True).to_json())
+    db.put(PROFILE_KIND, key, device, {"tier": "disk", "io": "page-cache"}, _fake_profile(program, False).to_json())
+    assert _schedule(program, records=db).annotation(LoadPlan).layers[0][1] == "direct"  # the O_DIRECT one
+    cached = _schedule(program, records=db, options={"load-io": "page-cache"}).annotation(LoadPlan)
+    assert cached.layers[0][1] == "load"
+
+
 def test_profile_in_context_options(bert) -> None:
     program, _ = bert
     plan = _schedule(program, options={"layer-profile": _fake_profile(program, True)}).annotation(LoadPlan)

@@ -11,6 +11,7 @@ PCIe link) loads are spread over them and forwarded over the device link.
 
 Costs come from a per-layer profile: `ctx.options["layer-profile"]` (a `LayerCosts`, or a callable
 `program -> LayerCosts | None`), else the newest matching "layer-profile" record in `ctx.records`
+measured in the executor's I/O mode (`ctx.options["load-io"]`, default O_DIRECT; another mode's if none)
 (written by `morphc.predictors.layer_profile`), else an analytic estimate from the metadata
 (bytes / bandwidth, FLOPs / throughput), so the pass always has a plan to write.
 
@@ -392,7 +393,11 @@ def _profile_from_context(program: Program, layers: Layers, ctx: PassContext) ->
     key = layer_profile_key(program)
     # device fingerprints start with the device kind ("cpu|<cpu model>|...", see predictors.records)
     found = [r for r in records.query(kind=PROFILE_KIND, model=key) if r.device.split("|", 1)[0] == ctx.device]
-    for record in reversed(found):  # newest first
+    # a profile measured in the I/O mode the executor loads in by default (O_DIRECT on disk) is preferred to a
+    # newer one in another mode (a --page-cache benchmark's); ctx.options["load-io"] names another mode
+    mode = ctx.options.get("load-io", "copy-stream" if ctx.device.startswith("cuda") else "o-direct")
+    found.sort(key=lambda r: r.config.get("io", mode) == mode)  # stable: newest last within each kind
+    for record in reversed(found):  # preferred mode first, newest first
         costs = LayerCosts.from_json(record.stats)
         if not costs.check_matches(layers):
             return costs
