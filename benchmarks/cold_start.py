@@ -27,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import common
 
 import morphc
 from morphc import zoo
-from morphc.ir.load_plan import LoadPlan, group_layers
+from morphc.ir.load_plan import LayerCosts, LoadPlan, group_layers
 from morphc.passes import PassContext
 from morphc.passes.load_schedule import plan_markdown, predict_plan
 from morphc.predictors.layer_profile import profile_layers
@@ -144,6 +145,7 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
             out, tl = exe.run(*inputs, cold=True)
             check_outputs(s, out, reference, exact=not gpu, mismatch=max_diff)
             samples[s].append(tl)
+    graphs = bench_graphs(program, costs, scheduled, files, inputs, reference, runs, max_diff, bulk) if gpu else None
     load_end = common.load_average()
     med = {s: statistics.median(t.total_ms for t in tls) for s, tls in samples.items()}
     median_runs = {s: sorted(tls, key=lambda t: t.total_ms)[len(tls) // 2] for s, tls in samples.items()}
@@ -182,8 +184,42 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
         "breakdown": {s: breakdown(t) for s, t in median_runs.items()},
         "plan_is_pipeline": plans["plan"].layers == plans["pipeline"].layers,
         "load_average": [load_start, load_end], "plot": plot.name, "device": device,
-        "plan_file": f"{prefix}_{name}_plan.md", "max_abs_diff_vs_warm": max_diff,
+        "plan_file": f"{prefix}_{name}_plan.md", "max_abs_diff_vs_warm": max_diff, "cuda_graphs": graphs,
     }
+
+
+def bench_graphs(program: morphc.Program, costs: LayerCosts, scheduled: dict[str, morphc.Program],
+                 files: dict[str, WeightsFile], inputs: tuple[torch.Tensor, ...], reference: dict[str, torch.Tensor],
+                 runs: int, max_diff: dict[str, float], bulk: list[float]) -> dict[str, Any]:
+    """GPU: the same strategies replayed as CUDA graphs (captured once, warm; no kernel queued by the CPU
+    in the first inference), with a plan made for that (the profile's CPU queueing time set to zero),
+    interleaved cold replays, and the bound with a resident replay as its compute."""
+    graph_costs = replace(costs, layers=tuple(replace(c, dispatch_ms=0.0) for c in costs.layers))
+    ctx = PassContext(reproducer_dir=None, device="cuda", options={"layer-profile": graph_costs})
+    plans = {**{s: scheduled[s] for s in ("on-demand", "pipeline", "direct")},
+             "plan": morphc.Pipeline.parse("insert-load-schedule").run(program, ctx)}
+    executors = {}
+    for s, p in plans.items():
+        same = [x.name for x in file_order(p)] == [x.name for x in file_order(scheduled[s])]
+        weights = files[s] if same else write_weights(
+            p, files["on-demand"].path.with_name(f"{files['on-demand'].path.stem}-graph-plan.safetensors"))
+        executors[s] = ColdStartExecutor(p, weights, device="cuda")
+        executors[s].capture(*inputs)
+    times: dict[str, list[float]] = {s: [] for s in plans}
+    resident: list[float] = []
+    for _ in range(runs):
+        resident.append(executors["pipeline"].replay(*inputs, cold=False)[1])
+        for s, exe in executors.items():
+            out, ms = exe.replay(*inputs, cold=True)
+            check_outputs(s, out, reference, exact=False, mismatch=max_diff)
+            times[s].append(ms)
+    med = {s: statistics.median(v) for s, v in times.items()}
+    must_read = sum(layer.touched_bytes for layer in group_layers(program))
+    warm = statistics.median(resident)
+    bound = max(must_read / (statistics.median(bulk) * 1e6), warm)
+    predicted = {s: predict_plan(p.annotation(LoadPlan), graph_costs) for s, p in plans.items()}
+    return {"median_ms": med, "all_ms": times, "resident_ms": warm, "bound_ms": bound, "predicted_ms": predicted,
+            "plan_direct_layers": [e[0] for e in plans["plan"].annotation(LoadPlan).layers if e[1] == "direct"]}
 
 
 def check_outputs(strategy: str, out: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *, exact: bool,
@@ -241,6 +277,24 @@ def report(results: list[dict[str, Any]]) -> str:
            "Measured profile facts the planner used: " + "; ".join(
                f"{r['model']}: {r['read_overhead_ms']:.3f} ms per read, compute {r['overlap_slowdown']:.2f}x slower "
                "while loads stream in" for r in results), ""]
+    graphed = [r for r in results if r.get("cuda_graphs")]
+    if graphed:
+        rows = []
+        for r in graphed:
+            g = r["cuda_graphs"]
+            m, p = g["median_ms"], g["predicted_ms"]
+            rows.append([r["model"], f"{g['resident_ms']:.2f}", f"{g['bound_ms']:.2f}",
+                         *(f"{m[s]:.2f}" for s in STRATEGIES),
+                         f"{m['plan'] / g['bound_ms']:.2f}", f"{m['pipeline'] / m['plan']:.2f}",
+                         f"{m['on-demand'] / m['plan']:.2f} (bound {m['on-demand'] / g['bound_ms']:.2f})",
+                         f"{p['plan']:.2f} ({(p['plan'] - m['plan']) / m['plan'] * 100:+.0f}%)",
+                         ", ".join(g["plan_direct_layers"]) or "none"])
+        md += ["The same first inferences replayed as CUDA graphs (captured once, warm: the CPU queues no kernel; "
+               "the plan made with the profile's CPU queueing time set to zero; bound = max(bytes / copy rate, "
+               "a resident replay)):", "",
+               common.markdown_table(["model", "resident replay ms", "bound ms", *(f"{s} ms" for s in STRATEGIES),
+                                      "plan / bound", "pipeline / plan", "on-demand / plan", "plan predicted ms (err)",
+                                      "plan's direct-access layers"], rows), ""]
     md += ["Where the median run's time went (ms): compute began / computed / stalled on reads / reads ended:", "",
            common.markdown_table(["model", *STRATEGIES], [[r["model"], *(
                "{first_compute_ms:.1f} / {compute_ms:.1f} / {stalled_ms:.1f} / {reads_end_ms:.1f}".format(

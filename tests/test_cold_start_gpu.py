@@ -100,6 +100,29 @@ def test_the_device_holds_no_weight_before_its_load(lookup) -> None:
 
 
 @cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_captured_cuda_graph_computes_the_same_from_the_cold_state(lookup, strategy) -> None:
+    """The first inference as one CUDA graph: replayed after the device arena is zeroed, it is right only
+    because the graph itself copies the weights in (and reads direct-access ones from host memory)."""
+    program, weights = lookup
+    expected = program.to("cuda")(*(t.cuda() for t in program.example_inputs))
+    exe = ColdStartExecutor(_schedule(program, strategy), weights, device="cuda")
+    exe.capture(*program.example_inputs)
+    for cold in (True, False, True):
+        out, ms = exe.replay(*program.example_inputs, cold=cold)
+        assert ms > 0
+        for k, ref in expected.items():
+            torch.testing.assert_close(out[k], ref, rtol=1e-4, atol=1e-5)
+    loaded = [layer for layer, m in zip(exe.layers, exe.plan.modes()) if m == "load"]
+    if loaded:  # the resident graph copies nothing: with the arena zeroed it computes on zeros
+        exe.tier.begin(cold=True)
+        graph, leaves = exe._graphs[False]
+        graph.replay()
+        torch.cuda.synchronize()
+        assert any(not torch.allclose(leaf, expected[o.name]) for o, leaf in zip(program.outputs, leaves))
+
+
+@cuda
 def test_a_warm_run_finds_the_weights_on_the_device(lookup) -> None:
     """Warm on the GPU means resident: nothing is copied, and the outputs are the same."""
     program, weights = lookup
@@ -142,6 +165,15 @@ def test_the_layer_profile_is_measured_on_the_host_tier(lookup) -> None:
     expected = program.to("cuda")(*(t.cuda() for t in program.example_inputs))
     for k, ref in expected.items():
         torch.testing.assert_close(out[k], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_are_refused_on_the_disk_tier(lookup) -> None:
+    program, weights = lookup
+    exe = ColdStartExecutor(_schedule(program, "pipeline"), weights)
+    with pytest.raises(morphc.errors.MorphcError, match="device='cuda'"):
+        exe.capture(*program.example_inputs)
+    with pytest.raises(morphc.errors.MorphcError, match="capture"):
+        exe.replay(*program.example_inputs)
 
 
 def test_the_gpu_tier_says_it_needs_cuda_where_there_is_none(lookup, monkeypatch) -> None:

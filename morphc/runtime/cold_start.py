@@ -636,13 +636,17 @@ class HostTier:
     def host_view(self, attr: str) -> torch.Tensor:
         return self._host_views[attr]
 
-    def load(self, *layers: LayerRange, channel: int = 0) -> PendingLoad:
+    def load(self, *layers: LayerRange, channel: int = 0, after: torch.cuda.Stream | None = None) -> PendingLoad:
         """Queue the layers' copies on `channel`'s copy stream (one copy per contiguous run of them in
         the file); returns at once. Channel c > 0 copies over GPU c's own PCIe link into GPU c, then
-        forwards over the device link."""
+        forwards over the device link. `after`: the copies wait for that stream's work so far (under
+        CUDA graph capture, the fork that puts them in the graph; their events then time nothing)."""
         stream = self.streams[channel]
         base = self.weights.data_start
-        started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        timed = after is None
+        started, done = torch.cuda.Event(enable_timing=timed), torch.cuda.Event(enable_timing=timed)
+        if after is not None:
+            stream.wait_stream(after)
         with torch.cuda.stream(stream):
             started.record(stream)
             for run in contiguous_runs(layers):
@@ -1002,6 +1006,95 @@ class ColdStartExecutor:
         timeline = Timeline(plan.strategy, self.tier.name, total, prologue_start, prologue_end, tuple(timings),
                             None if rb0 is None or rb1 is None else rb1 - rb0, cold)
         return outputs, timeline
+
+
+    # --- CUDA graphs (GPU) ------------------------------------------------------------------------
+
+    def capture(self, *inputs: torch.Tensor) -> None:
+        """GPU: record this schedule's first inference as CUDA graphs, once, warm (a server prepares a
+        model's kernels ahead, as PipeSwitch does; only the weights are cold): a cold one (the loads as
+        copies on the copy streams, forked where the plan issues them; each wait an event edge; direct
+        access reading mapped host memory) and a resident one (no copy). `replay` then runs them with no
+        kernel queued by the CPU, which is what eager batch-1 inference spends most of its time on."""
+        if not isinstance(self.tier, HostTier):
+            raise ColdStartError("CUDA graphs are for the GPU tier: build the executor with device='cuda'")
+        self.program.check_inputs(inputs)
+        self.run(*inputs, cold=True)  # kernels chosen, allocator primed, before capturing
+        self._static = tuple(t.to(self.tier.device).clone() for t in inputs)
+        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        for cold in (True, False):
+            self.tier.begin(cold=False)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph):
+                leaves = self._walk_captured(self._static, cold)
+            self._graphs[cold] = (graph, leaves)
+
+    def replay(self, *inputs: torch.Tensor, cold: bool = True) -> tuple[dict[str, torch.Tensor], float]:
+        """One first inference from the captured graph (cold: the device arena zeroed first, the weights
+        copied in by the graph); returns the outputs and the wall time from the request to its outputs."""
+        if not getattr(self, "_graphs", None):
+            raise ColdStartError("no CUDA graph captured: call capture(*inputs) first")
+        self.program.check_inputs(inputs)
+        graph, leaves = self._graphs[cold]
+        self.tier.begin(cold)
+        t0 = time.perf_counter()
+        for static, x in zip(self._static, inputs):
+            static.copy_(x, non_blocking=True)
+        graph.replay()
+        torch.cuda.synchronize(self.tier.device)  # type: ignore[union-attr]
+        total = (time.perf_counter() - t0) * 1e3
+        return {o.name: t.clone() for o, t in zip(self.program.outputs, leaves)}, total
+
+    def _walk_captured(self, inputs: Sequence[torch.Tensor], cold: bool) -> Any:
+        """The scheduled graph's walk under capture: no thread, clock or synchronize, only the work."""
+        tier = self.tier
+        assert isinstance(tier, HostTier)
+        plan = self.plan
+        groups = plan.groups()
+        members = group_members(groups)
+        compute = torch.cuda.current_stream(tier.device)
+        pending: dict[int, PendingLoad | dict[str, torch.Tensor]] = {}
+
+        def issue(g: int) -> None:
+            if g in pending:
+                return
+            layers = [self.weights.by_name[self.layers.layers[i].name] for i in members[g]]
+            pending[g] = (tier.load(*layers, channel=plan.layers[g][3], after=compute) if cold
+                          else {a: tier.resident(a) for r in layers for a in r.attrs})
+
+        for i, entry in enumerate(plan.layers):
+            if entry[1] == "load" and entry[2] < 0:
+                issue(groups[i])
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(inputs)
+        waited: set[int] = set()
+        for node, _ in self._steps:
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+            elif node.op == "get_attr":
+                attr = str(node.target)
+                env[node] = (tier.view(attr) if attr in self._direct_attrs else None if attr in self.weights.tensors
+                             else self.program.tensor(attr))
+            elif node.target is PREFETCH:
+                issue(groups[node.args[2]])
+                env[node] = env[node.args[0]]
+            elif node.target is WAIT:
+                g = groups[node.args[1]]
+                got = pending[g]
+                if isinstance(got, PendingLoad):
+                    if g not in waited:
+                        compute.wait_event(got.done)
+                        waited.add(g)
+                    got = got.tensors
+                env[node] = got[str(_source(node).target)]
+            elif node.op == "call_function":
+                env[node] = node.target(*fx.node.map_arg(node.args, env.__getitem__),
+                                        **fx.node.map_arg(node.kwargs, env.__getitem__))
+            elif node.op == "output":
+                leaves = fx.node.map_arg(node.args[0], env.__getitem__)
+        for stream in tier.streams:  # join every fork before the capture ends
+            compute.wait_stream(stream)
+        return leaves
 
 
 class _Clock:
