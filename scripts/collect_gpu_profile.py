@@ -2,7 +2,7 @@
 
 On the GPU machine, from the repository root (morphc need not be installed):
 
-    mkdir -p $OUT && PYTHONPATH=. timeout 420 python3 scripts/collect_gpu_profile.py \
+    mkdir -p $OUT && PYTHONPATH=$PWD timeout 420 python3 scripts/collect_gpu_profile.py \
         --db $OUT/gpu.sqlite --budget-s 360 2>&1 | tee $OUT/collect.log
 
 It checks CUDA, then whether MPS applies SM shares here (its own control daemon; a probe client at

