@@ -27,7 +27,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import common
 
 import morphc
 from morphc import zoo
-from morphc.ir.load_plan import LayerCosts, LoadPlan, group_layers
+from morphc.ir.load_plan import LoadPlan, group_layers
 from morphc.passes import PassContext
 from morphc.passes.load_schedule import plan_markdown, predict_plan
 from morphc.predictors.layer_profile import profile_layers
@@ -145,7 +144,8 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
             out, tl = exe.run(*inputs, cold=True)
             check_outputs(s, out, reference, exact=not gpu, mismatch=max_diff)
             samples[s].append(tl)
-    graphs = bench_graphs(program, costs, scheduled, files, inputs, reference, runs, max_diff, bulk) if gpu else None
+    graphs = (bench_graphs(program, db, scheduled, files, inputs, reference, runs, profile_runs, max_diff, bulk)
+              if gpu else None)
     load_end = common.load_average()
     med = {s: statistics.median(t.total_ms for t in tls) for s, tls in samples.items()}
     median_runs = {s: sorted(tls, key=lambda t: t.total_ms)[len(tls) // 2] for s, tls in samples.items()}
@@ -188,14 +188,17 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     }
 
 
-def bench_graphs(program: morphc.Program, costs: LayerCosts, scheduled: dict[str, morphc.Program],
+def bench_graphs(program: morphc.Program, db: RecordsDB, scheduled: dict[str, morphc.Program],
                  files: dict[str, WeightsFile], inputs: tuple[torch.Tensor, ...], reference: dict[str, torch.Tensor],
-                 runs: int, max_diff: dict[str, float], bulk: list[float]) -> dict[str, Any]:
+                 runs: int, profile_runs: int, max_diff: dict[str, float], bulk: list[float]) -> dict[str, Any]:
     """GPU: the same strategies replayed as CUDA graphs (captured once, warm; no kernel queued by the CPU
-    in the first inference), with a plan made for that (the profile's CPU queueing time set to zero),
-    interleaved cold replays, and the bound with a resident replay as its compute."""
-    graph_costs = replace(costs, layers=tuple(replace(c, dispatch_ms=0.0) for c in costs.layers))
-    ctx = PassContext(reproducer_dir=None, device="cuda", options={"layer-profile": graph_costs})
+    in the first inference), with a plan made from a profile replayed as graphs, interleaved cold
+    replays, and the bound with a resident replay as its compute."""
+    # the profile replayed as graphs: each layer's device time alone, direct access's included
+    graph_costs = profile_layers(program, db, files["on-demand"], runs=profile_runs, refresh=True, device="cuda",
+                                 cuda_graph=True)
+    ctx = PassContext(reproducer_dir=None, device="cuda", options={"layer-profile": graph_costs,
+                                                                   "execution": "cuda-graph"})
     plans = {**{s: scheduled[s] for s in ("on-demand", "pipeline", "direct")},
              "plan": morphc.Pipeline.parse("insert-load-schedule").run(program, ctx)}
     executors = {}
@@ -208,17 +211,19 @@ def bench_graphs(program: morphc.Program, costs: LayerCosts, scheduled: dict[str
     times: dict[str, list[float]] = {s: [] for s in plans}
     resident: list[float] = []
     for _ in range(runs):
-        resident.append(executors["pipeline"].replay(*inputs, cold=False)[1])
+        resident.append(executors["pipeline"].replay(*inputs, cold=False)[1].total_ms)
         for s, exe in executors.items():
-            out, ms = exe.replay(*inputs, cold=True)
+            out, tl = exe.replay(*inputs, cold=True)
             check_outputs(s, out, reference, exact=False, mismatch=max_diff)
-            times[s].append(ms)
+            times[s].append(tl.total_ms)
     med = {s: statistics.median(v) for s, v in times.items()}
     must_read = sum(layer.touched_bytes for layer in group_layers(program))
     warm = statistics.median(resident)
     bound = max(must_read / (statistics.median(bulk) * 1e6), warm)
     predicted = {s: predict_plan(p.annotation(LoadPlan), graph_costs) for s, p in plans.items()}
     return {"median_ms": med, "all_ms": times, "resident_ms": warm, "bound_ms": bound, "predicted_ms": predicted,
+            "profile": {"resident_compute_ms": graph_costs.extra.get("resident_compute_ms"),
+                        "direct_ms": graph_costs.extra.get("direct_ms"), "copy_gbs": graph_costs.bandwidth_gbs},
             "plan_direct_layers": [e[0] for e in plans["plan"].annotation(LoadPlan).layers if e[1] == "direct"]}
 
 

@@ -108,15 +108,21 @@ def test_a_captured_cuda_graph_computes_the_same_from_the_cold_state(lookup, str
     expected = program.to("cuda")(*(t.cuda() for t in program.example_inputs))
     exe = ColdStartExecutor(_schedule(program, strategy), weights, device="cuda")
     exe.capture(*program.example_inputs)
-    for cold in (True, False, True):
-        out, ms = exe.replay(*program.example_inputs, cold=cold)
-        assert ms > 0
+    for cold, timed in ((True, False), (False, False), (True, True)):
+        out, timeline = exe.replay(*program.example_inputs, cold=cold, timed=timed)
+        assert timeline.total_ms > 0
         for k, ref in expected.items():
             torch.testing.assert_close(out[k], ref, rtol=1e-4, atol=1e-5)
+    # the timed graph's own marks: no loaded layer computes before its copy has landed
+    assert len(timeline.layers) == len(exe.layers)
+    for t in timeline.layers:
+        assert 0 <= t.compute_start_ms <= t.compute_end_ms <= timeline.total_ms + 1e-3
+        if t.mode == "load":
+            assert 0 <= t.load_start_ms <= t.load_end_ms <= t.compute_start_ms + 1e-3, t
     loaded = [layer for layer, m in zip(exe.layers, exe.plan.modes()) if m == "load"]
     if loaded:  # the resident graph copies nothing: with the arena zeroed it computes on zeros
         exe.tier.begin(cold=True)
-        graph, leaves = exe._graphs[False]
+        graph, leaves, _ = exe._graphs[False, False]
         graph.replay()
         torch.cuda.synchronize()
         assert any(not torch.allclose(leaf, expected[o.name]) for o, leaf in zip(program.outputs, leaves))
@@ -159,6 +165,9 @@ def test_the_layer_profile_is_measured_on_the_host_tier(lookup) -> None:
     assert len(costs.layers) == len(group_layers(program))
     assert all(c.load_ms > 0 and c.compute_ms >= 0 and c.direct_ms >= c.compute_ms for c in costs.layers)
     assert sum(c.dispatch_ms for c in costs.layers) > 0  # the CPU's time queueing kernels is measured
+    graphed = layer_profile.measure_layer_costs(program, weights, runs=2, device="cuda", cuda_graph=True)
+    assert graphed.tier == "host" and graphed.extra["cuda_graph"] is True
+    assert all(c.dispatch_ms == 0 and c.load_ms > 0 and c.direct_ms >= c.compute_ms for c in graphed.layers)
     planned = morphc.Pipeline.parse("insert-load-schedule").run(
         program, PassContext(device="cuda", reproducer_dir=None, options={"layer-profile": costs}))
     out, _ = ColdStartExecutor(planned, weights, device="cuda").run(*program.example_inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,22 @@ def test_a_profile_in_the_executors_io_mode_is_preferred_to_a_newer_one(bert) ->
     assert _schedule(program, records=db).annotation(LoadPlan).layers[0][1] == "direct"  # the O_DIRECT one
     cached = _schedule(program, records=db, options={"load-io": "page-cache"}).annotation(LoadPlan)
     assert cached.layers[0][1] == "load"
+
+
+def test_a_profile_measured_as_the_program_will_run_is_preferred(bert) -> None:
+    """GPU: a profile replayed as CUDA graphs has no CPU queueing time; eager planning must not take it
+    because it is newer, and graph planning takes it when asked."""
+    program, _ = bert
+    db = RecordsDB(":memory:")
+    key, device = layer_profile_key(program), device_fingerprint("cuda")
+    eager = replace(_fake_profile(program, True), tier="host")
+    graphed = replace(_fake_profile(program, False), tier="host")
+    db.put(PROFILE_KIND, key, device, {"tier": "host", "io": "copy-stream"}, eager.to_json())
+    db.put(PROFILE_KIND, key, device, {"tier": "host", "io": "copy-stream", "execution": "cuda-graph"},
+           graphed.to_json())
+    assert _schedule(program, records=db, device="cuda").annotation(LoadPlan).layers[0][1] == "direct"
+    as_graph = _schedule(program, records=db, device="cuda", options={"execution": "cuda-graph"})
+    assert as_graph.annotation(LoadPlan).layers[0][1] == "load"
 
 
 def test_profile_in_context_options(bert) -> None:

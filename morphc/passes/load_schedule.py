@@ -395,8 +395,12 @@ def _profile_from_context(program: Program, layers: Layers, ctx: PassContext) ->
     found = [r for r in records.query(kind=PROFILE_KIND, model=key) if r.device.split("|", 1)[0] == ctx.device]
     # a profile measured in the I/O mode the executor loads in by default (O_DIRECT on disk) is preferred to a
     # newer one in another mode (a --page-cache benchmark's); ctx.options["load-io"] names another mode
+    # newer one in another mode (a --page-cache benchmark's), and one measured as the program will run
+    # (eager, or replayed as a CUDA graph: ctx.options["execution"]) to one measured the other way
     mode = ctx.options.get("load-io", "copy-stream" if ctx.device.startswith("cuda") else "o-direct")
-    found.sort(key=lambda r: r.config.get("io", mode) == mode)  # stable: newest last within each kind
+    execution = ctx.options.get("execution", "eager")
+    found.sort(key=lambda r: (r.config.get("execution", "eager") == execution,
+                              r.config.get("io", mode) == mode))  # stable: newest last within each kind
     for record in reversed(found):  # preferred mode first, newest first
         costs = LayerCosts.from_json(record.stats)
         if not costs.check_matches(layers):

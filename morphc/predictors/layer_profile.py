@@ -42,10 +42,11 @@ def _schedule(program: Program, strategy: str, device: str = "cpu") -> Program:
 
 def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, runs: int = 3,
                         inputs: tuple[torch.Tensor, ...] | None = None, direct_io: bool = True,
-                        device: str = "cpu") -> LayerCosts:
+                        device: str = "cpu", cuda_graph: bool = False) -> LayerCosts:
     """Measure the per-layer profile of an unscheduled program from the cold state: on "cpu" the disk
     tier, its loads read as the executor will read them (`direct_io`: O_DIRECT where the file system
-    allows); on "cuda" the host tier (copies over PCIe, direct host access)."""
+    allows); on "cuda" the host tier (copies over PCIe, direct host access), run eagerly or, with
+    `cuda_graph`, replayed as CUDA graphs (timed by the graph's own marks; no CPU queueing time)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     inputs = inputs if inputs is not None else program.example_inputs
@@ -53,13 +54,22 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     on_demand, direct, pipeline = (ColdStartExecutor(_schedule(program, s, device), weights, direct_io=direct_io,
                                                      device=device) for s in ("on-demand", "direct", "pipeline"))
     on_demand.run(*inputs, cold=False)  # warm the process (kernels, allocator); the weights go cold below
+    if cuda_graph:
+        if not device.startswith("cuda"):
+            raise ValueError(f"cuda_graph profiles need device='cuda', got {device!r}")
+        for exe in (on_demand, direct, pipeline):
+            exe.capture(*inputs)
+
+    def cold_run(exe: ColdStartExecutor) -> Timeline:
+        return exe.replay(*inputs, cold=True, timed=True)[1] if cuda_graph else exe.run(*inputs, cold=True)[1]
+
     od_runs: list[Timeline] = []
     dr_runs: list[Timeline] = []
     pl_runs: list[Timeline] = []
     for _ in range(runs):
-        od_runs.append(on_demand.run(*inputs, cold=True)[1])
-        dr_runs.append(direct.run(*inputs, cold=True)[1])
-        pl_runs.append(pipeline.run(*inputs, cold=True)[1])
+        od_runs.append(cold_run(on_demand))
+        dr_runs.append(cold_run(direct))
+        pl_runs.append(cold_run(pipeline))
 
     def med(values: list[float]) -> float:
         return float(statistics.median(values))
@@ -93,7 +103,7 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
         load = read_ms(layer.nbytes, streaming, overhead) if streaming > 0 else 0.0
         # GPU: the CPU time to queue the segment's kernels, which the device's times above do not show
         # (on-demand's CPU queues everything while the copy runs); on the disk tier compute is synchronous
-        dispatch = med([t.layers[i].dispatch_ms for t in od_runs]) if gpu else 0.0
+        dispatch = med([t.layers[i].dispatch_ms for t in od_runs]) if gpu and not cuda_graph else 0.0
         costs.append(LayerCost(layer.name, layer.nbytes, layer.touched_bytes, load, compute, direct_ms, dispatch))
     # Per-layer medians give each layer's share; whole-run medians give the level. On shared cores a
     # preemption lands on a random layer, so a sum of per-layer medians underestimates a typical run:
@@ -111,7 +121,7 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
              "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales,
-             "o_direct": o_direct}
+             "o_direct": o_direct, "cuda_graph": cuda_graph}
     return LayerCosts(tuple(costs), prologue, "measured", tier.name, streaming, 0.0, extra, read_overhead_ms=overhead,
                       overlap_slowdown=slowdown,  # O_DIRECT reads (and copies) get no read-ahead from the kernel
                       readahead_bytes=on_demand.weights.readahead_bytes() if tier.name == "disk" and not o_direct
@@ -147,17 +157,20 @@ def _scale(total: float, parts: list[float]) -> float:
 
 
 def profile_layers(program: Program, db: RecordsDB, weights: WeightsFile | str | Path, *, runs: int = 3,
-                   refresh: bool = False, direct_io: bool = True, device: str = "cpu") -> LayerCosts:
+                   refresh: bool = False, direct_io: bool = True, device: str = "cpu",
+                   cuda_graph: bool = False) -> LayerCosts:
     """The program's layer profile from `db`, measuring and storing it first when missing (or `refresh`)."""
     gpu = device.startswith("cuda")
     config = {"tier": "host" if gpu else "disk", "threads": torch.get_num_threads(), "runs": runs,
-              "io": "copy-stream" if gpu else "o-direct" if direct_io else "page-cache"}
+              "io": "copy-stream" if gpu else "o-direct" if direct_io else "page-cache",
+              **({"execution": "cuda-graph"} if cuda_graph else {})}
     key, fingerprint = layer_profile_key(program), device_fingerprint("cuda" if gpu else "cpu")
     if not refresh:
         record = db.get(KIND, key, fingerprint, config)
         if record is not None:
             return LayerCosts.from_json(record.stats)
-    costs = measure_layer_costs(program, weights, runs=runs, direct_io=direct_io, device=device)
+    costs = measure_layer_costs(program, weights, runs=runs, direct_io=direct_io, device=device,
+                                cuda_graph=cuda_graph)
     db.put(KIND, key, fingerprint, config, costs.to_json())
     return costs
 

@@ -568,8 +568,9 @@ class PendingLoad:
     that uses them) and the events that time it on the device."""
 
     tensors: dict[str, torch.Tensor]
-    started: torch.cuda.Event
-    done: torch.cuda.Event
+    started: torch.cuda.Event | None  # None: untimed (a graph captured without marks)
+    done: torch.cuda.Event  # what the compute stream waits for
+    ended: torch.cuda.Event | None = None  # the timing mark of the end, where it is not `done` (captured)
 
 
 class HostTier:
@@ -639,19 +640,24 @@ class HostTier:
     def host_view(self, attr: str) -> torch.Tensor:
         return self._host_views[attr]
 
-    def load(self, *layers: LayerRange, channel: int = 0, after: torch.cuda.Stream | None = None) -> PendingLoad:
+    def load(self, *layers: LayerRange, channel: int = 0, after: torch.cuda.Stream | None = None,
+             timed: bool = True) -> PendingLoad:
         """Queue the layers' copies on `channel`'s copy stream (one copy per contiguous run of them in
         the file); returns at once. Channel c > 0 copies over GPU c's own PCIe link into GPU c, then
         forwards over the device link. `after`: the copies wait for that stream's work so far (under
-        CUDA graph capture, the fork that puts them in the graph; their events then time nothing)."""
+        CUDA graph capture, the fork that puts them in the graph: their timing marks are then external
+        events, recorded by the graph, and the compute stream's dependency a separate internal one)."""
         stream = self.streams[channel]
         base = self.weights.data_start
-        timed = after is None
-        started, done = torch.cuda.Event(enable_timing=timed), torch.cuda.Event(enable_timing=timed)
+        captured = after is not None
+        mark = (lambda: torch.cuda.Event(enable_timing=True, external=captured)) if timed else (lambda: None)
+        started, ended = mark(), mark()
+        done = ended if ended is not None and not captured else torch.cuda.Event()
         if after is not None:
             stream.wait_stream(after)
         with torch.cuda.stream(stream):
-            started.record(stream)
+            if started is not None:
+                started.record(stream)
             for run in contiguous_runs(layers):
                 s, e = run[0].start - base, run[-1].end - base
                 if channel == 0:
@@ -660,8 +666,11 @@ class HostTier:
                     hop = self._staging.setdefault(channel, torch.empty_like(self._arena, device=f"cuda:{channel}"))
                     hop[s:e].copy_(self._host[s:e], non_blocking=True)
                     self._arena[s:e].copy_(hop[s:e], non_blocking=True)  # device link
+            if ended is not None and ended is not done:
+                ended.record(stream)
             done.record(stream)
-        return PendingLoad({attr: self._views[attr] for layer in layers for attr in layer.attrs}, started, done)
+        return PendingLoad({attr: self._views[attr] for layer in layers for attr in layer.attrs}, started, done,
+                           ended)
 
     def copy_gbs(self, repeats: int = 3) -> float:
         """The host->device copy rate of the whole weights (GB/s, best of `repeats` copies timed on the
@@ -1015,30 +1024,36 @@ class ColdStartExecutor:
 
     def capture(self, *inputs: torch.Tensor) -> None:
         """GPU: record this schedule's first inference as CUDA graphs, once, warm (a server prepares a
-        model's kernels ahead, as PipeSwitch does; only the weights are cold): a cold one (the loads as
+        model's kernels ahead, as PipeSwitch does; only the weights are cold): cold ones (the loads as
         copies on the copy streams, forked where the plan issues them; each wait an event edge; direct
-        access reading mapped host memory) and a resident one (no copy). `replay` then runs them with no
-        kernel queued by the CPU, which is what eager batch-1 inference spends most of its time on."""
+        access reading mapped host memory), with and without timing marks (external events at every
+        segment and load boundary, for the timeline), and a resident one (no copy). `replay` then runs
+        them with no kernel queued by the CPU, which is what eager batch-1 inference spends most on."""
         if not isinstance(self.tier, HostTier):
             raise ColdStartError("CUDA graphs are for the GPU tier: build the executor with device='cuda'")
         self.program.check_inputs(inputs)
         self.run(*inputs, cold=True)  # kernels chosen, allocator primed, before capturing
         self._static = tuple(t.to(self.tier.device).clone() for t in inputs)
-        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Any]] = {}
-        for cold in (True, False):
+        self._graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, Any, _GraphMarks | None]] = {}
+        for cold, timed in ((True, False), (True, True), (False, False)):
             self.tier.begin(cold=False)
             graph = torch.cuda.CUDAGraph()
+            marks = _GraphMarks(len(self.layers)) if timed else None
             with torch.no_grad(), torch.cuda.graph(graph):
-                leaves = self._walk_captured(self._static, cold)
-            self._graphs[cold] = (graph, leaves)
+                leaves = self._walk_captured(self._static, cold, marks)
+            self._graphs[cold, timed] = (graph, leaves, marks)
 
-    def replay(self, *inputs: torch.Tensor, cold: bool = True) -> tuple[dict[str, torch.Tensor], float]:
+    def replay(self, *inputs: torch.Tensor, cold: bool = True,
+               timed: bool = False) -> tuple[dict[str, torch.Tensor], Timeline]:
         """One first inference from the captured graph (cold: the device arena zeroed first, the weights
-        copied in by the graph); returns the outputs and the wall time from the request to its outputs."""
+        copied in by the graph); its timeline's total is the wall time from the request to its outputs,
+        and per layer (`timed`, cold only: the graph with marks, which cost a little) loads and compute."""
         if not getattr(self, "_graphs", None):
             raise ColdStartError("no CUDA graph captured: call capture(*inputs) first")
+        if timed and not cold:
+            raise ColdStartError("only the cold graph carries timing marks")
         self.program.check_inputs(inputs)
-        graph, leaves = self._graphs[cold]
+        graph, leaves, marks = self._graphs[cold, timed]
         self.tier.begin(cold)
         t0 = time.perf_counter()
         for static, x in zip(self._static, inputs):
@@ -1046,10 +1061,13 @@ class ColdStartExecutor:
         graph.replay()
         torch.cuda.synchronize(self.tier.device)  # type: ignore[union-attr]
         total = (time.perf_counter() - t0) * 1e3
-        return {o.name: t.clone() for o, t in zip(self.program.outputs, leaves)}, total
+        outputs = {o.name: t.clone() for o, t in zip(self.program.outputs, leaves)}
+        rows = marks.rows(self.layers, self.plan) if marks is not None else ()
+        return outputs, Timeline(self.plan.strategy, "host-graph", total, -1.0, -1.0, rows, None, cold)
 
-    def _walk_captured(self, inputs: Sequence[torch.Tensor], cold: bool) -> Any:
-        """The scheduled graph's walk under capture: no thread, clock or synchronize, only the work."""
+    def _walk_captured(self, inputs: Sequence[torch.Tensor], cold: bool, marks: _GraphMarks | None) -> Any:
+        """The scheduled graph's walk under capture: no thread, clock or synchronize, only the work (and
+        timing marks where asked)."""
         tier = self.tier
         assert isinstance(tier, HostTier)
         plan = self.plan
@@ -1058,6 +1076,8 @@ class ColdStartExecutor:
         compute = torch.cuda.current_stream(tier.device)
         pending: dict[int, PendingLoad | dict[str, torch.Tensor]] = {}
         forked: set[int] = set()  # channels whose copy stream joined the capture
+        if marks is not None:
+            marks.start.record()
 
         def issue(g: int) -> None:
             if g in pending:
@@ -1065,7 +1085,11 @@ class ColdStartExecutor:
             layers = [self.weights.by_name[self.layers.layers[i].name] for i in members[g]]
             if cold:
                 forked.add(plan.layers[g][3])
-                pending[g] = tier.load(*layers, channel=plan.layers[g][3], after=compute)
+                load = tier.load(*layers, channel=plan.layers[g][3], after=compute, timed=marks is not None)
+                if marks is not None:
+                    for i in members[g]:
+                        marks.loads[i] = (load.started, load.ended)
+                pending[g] = load
             else:
                 pending[g] = {a: tier.resident(a) for r in layers for a in r.attrs}
 
@@ -1075,7 +1099,8 @@ class ColdStartExecutor:
         env: dict[fx.Node, Any] = {}
         placeholders = iter(inputs)
         waited: set[int] = set()
-        for node, _ in self._steps:
+        current: int | None = None
+        for node, seg in self._steps:
             if node.op == "placeholder":
                 env[node] = next(placeholders)
             elif node.op == "get_attr":
@@ -1095,13 +1120,51 @@ class ColdStartExecutor:
                     got = got.tensors
                 env[node] = got[str(_source(node).target)]
             elif node.op == "call_function":
+                if marks is not None and seg is not None and seg != current:
+                    marks.boundary(current, seg)
+                    current = seg
                 env[node] = node.target(*fx.node.map_arg(node.args, env.__getitem__),
                                         **fx.node.map_arg(node.kwargs, env.__getitem__))
             elif node.op == "output":
                 leaves = fx.node.map_arg(node.args[0], env.__getitem__)
+        if marks is not None:
+            marks.boundary(current, None)
         for channel in sorted(forked):  # join every fork before the capture ends
             compute.wait_stream(tier.streams[channel])
         return leaves
+
+
+class _GraphMarks:
+    """Timing marks recorded by a captured graph (external events, which a replay records): the start,
+    each segment's start and end on the compute stream, each load's start and end on its copy stream."""
+
+    def __init__(self, n: int) -> None:
+        self.start = torch.cuda.Event(enable_timing=True, external=True)
+        self.seg: list[list[torch.cuda.Event | None]] = [[None, None] for _ in range(n)]
+        self.loads: dict[int, tuple[torch.cuda.Event | None, torch.cuda.Event | None]] = {}
+
+    def boundary(self, ending: int | None, starting: int | None) -> None:
+        event = torch.cuda.Event(enable_timing=True, external=True)
+        event.record()
+        if ending is not None and ending >= 0:
+            self.seg[ending][1] = event
+        if starting is not None and starting >= 0:
+            self.seg[starting][0] = event
+
+    def rows(self, layers: Layers, plan: LoadPlan) -> tuple[LayerTiming, ...]:
+        def ms(e: torch.cuda.Event | None) -> float:
+            return -1.0 if e is None else float(self.start.elapsed_time(e))
+
+        out = []
+        last = 0.0
+        for i, (layer, entry) in enumerate(zip(layers, plan.layers)):
+            ls, le = (ms(a) for a in self.loads.get(i, (None, None)))
+            cs, ce = (ms(e) for e in self.seg[i])
+            if cs < 0:  # an empty segment (the layer shares its first use with the next one)
+                cs = ce = last
+            last = ce
+            out.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, 0.0))
+        return tuple(out)
 
 
 class _Clock:
