@@ -144,8 +144,8 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
             out, tl = exe.run(*inputs, cold=True)
             check_outputs(s, out, reference, exact=not gpu, mismatch=max_diff)
             samples[s].append(tl)
-    graphs = (bench_graphs(program, db, scheduled, files, inputs, reference, runs, profile_runs, max_diff, bulk)
-              if gpu else None)
+    graphs = (bench_graphs(name, prefix, program, db, scheduled, files, inputs, reference, runs, profile_runs,
+                           max_diff, bulk) if gpu else None)
     load_end = common.load_average()
     med = {s: statistics.median(t.total_ms for t in tls) for s, tls in samples.items()}
     median_runs = {s: sorted(tls, key=lambda t: t.total_ms)[len(tls) // 2] for s, tls in samples.items()}
@@ -188,7 +188,7 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     }
 
 
-def bench_graphs(program: morphc.Program, db: RecordsDB, scheduled: dict[str, morphc.Program],
+def bench_graphs(name: str, prefix: str, program: morphc.Program, db: RecordsDB, scheduled: dict[str, morphc.Program],
                  files: dict[str, WeightsFile], inputs: tuple[torch.Tensor, ...], reference: dict[str, torch.Tensor],
                  runs: int, profile_runs: int, max_diff: dict[str, float], bulk: list[float]) -> dict[str, Any]:
     """GPU: the same strategies replayed as CUDA graphs (captured once, warm; no kernel queued by the CPU
@@ -217,11 +217,15 @@ def bench_graphs(program: morphc.Program, db: RecordsDB, scheduled: dict[str, mo
             check_outputs(s, out, reference, exact=False, mismatch=max_diff)
             times[s].append(tl.total_ms)
     med = {s: statistics.median(v) for s, v in times.items()}
+    timed = {s: exe.replay(*inputs, cold=True, timed=True)[1] for s, exe in executors.items()}  # graphs' own marks
+    (common.RESULTS / f"{prefix}_{name}_graph_plan.md").write_text(
+        plan_markdown(plans["plan"].annotation(LoadPlan), timed["plan"].rows()))
     must_read = sum(layer.touched_bytes for layer in group_layers(program))
     warm = statistics.median(resident)
     bound = max(must_read / (statistics.median(bulk) * 1e6), warm)
     predicted = {s: predict_plan(p.annotation(LoadPlan), graph_costs) for s, p in plans.items()}
     return {"median_ms": med, "all_ms": times, "resident_ms": warm, "bound_ms": bound, "predicted_ms": predicted,
+            "breakdown": {s: breakdown(t) for s, t in timed.items()}, "plan_file": f"{prefix}_{name}_graph_plan.md",
             "profile": {"resident_compute_ms": graph_costs.extra.get("resident_compute_ms"),
                         "direct_ms": graph_costs.extra.get("direct_ms"), "copy_gbs": graph_costs.bandwidth_gbs},
             "plan_direct_layers": [e[0] for e in plans["plan"].annotation(LoadPlan).layers if e[1] == "direct"]}

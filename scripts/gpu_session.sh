@@ -27,8 +27,9 @@ cold-start)
     python3 -m pytest -q -rfs -p no:cacheprovider tests/test_cold_start_gpu.py 2>&1 | tee "$OUT/cold_start_tests.log"
     timeout "${BENCH_TIMEOUT_S:-420}" python3 benchmarks/cold_start.py --device cuda --runs "${RUNS:-15}" \
         --profile-runs "${PROFILE_RUNS:-5}" --workdir /tmp/morphc-cold-start --records /tmp/cold_start_gpu.sqlite \
-        2>&1 | tee "$OUT/cold_start_bench.log"
-    tar czf "$OUT/cold_start_gpu_results.tgz" benchmarks/results/cold_start_gpu* 2>/dev/null
+        ${MODELS:+--models $MODELS} 2>&1 | tee "$OUT/cold_start_bench.log"
+    # the results, and the records (layer profiles, eager and replayed as graphs) to plan from elsewhere
+    tar czf "$OUT/cold_start_gpu_results.tgz" benchmarks/results/cold_start_gpu* /tmp/cold_start_gpu.sqlite 2>/dev/null
     ;;
 cost-profile)
     { nvidia-smi -q | grep -i -A1 "compute mode"; command -v nvidia-cuda-mps-control; } >>"$OUT/machine.txt" 2>&1
