@@ -129,6 +129,18 @@ def test_a_captured_cuda_graph_computes_the_same_from_the_cold_state(lookup, str
 
 
 @cuda
+def test_copy_streams_never_alias_a_capture_stream(lookup) -> None:
+    """torch pools streams (32 per priority, round robin): after many executors a low-priority copy stream
+    was the capture stream itself, and the graph ran every copy before any compute."""
+    _, weights = lookup
+    pooled = {torch.cuda.Stream().cuda_stream for _ in range(64)}  # the whole low-priority pool
+    tiers = [HostTier(weights, "cuda") for _ in range(3)]
+    assert not {s.cuda_stream for t in tiers for s in t.streams} & pooled
+    for t in tiers:
+        t.close()
+
+
+@cuda
 def test_a_warm_run_finds_the_weights_on_the_device(lookup) -> None:
     """Warm on the GPU means resident: nothing is copied, and the outputs are the same."""
     program, weights = lookup

@@ -616,8 +616,12 @@ class HostTier:
         self._arena = torch.empty(self._host.numel(), dtype=torch.uint8, device=self.device)
         self._views = {attr: e.view_in(self._arena, base) for attr, e in weights.tensors.items()}
         self._staging: dict[int, torch.Tensor] = {}  # parallel transmission: a landing arena on each other GPU
-        # channel 0 copies into the compute GPU; channel c > 0 over GPU c's link (parallel transmission)
-        self.streams = [torch.cuda.Stream(device=self.device if c == 0 else torch.device("cuda", c))
+        # channel 0 copies into the compute GPU; channel c > 0 over GPU c's link (parallel transmission).
+        # High priority: torch hands out pooled streams round robin, 32 per priority, and a copy stream that
+        # is the (low-priority) CUDA graph capture stream puts every copy before compute in the graph
+        # (seen on the H100: BERT's graph plan computed only after all its copies, once earlier models'
+        # executors had taken their streams from the same pool)
+        self.streams = [torch.cuda.Stream(device=self.device if c == 0 else torch.device("cuda", c), priority=-1)
                         for c in range(channels)]
 
     def begin(self, cold: bool) -> None:
@@ -1035,11 +1039,15 @@ class ColdStartExecutor:
         self.run(*inputs, cold=True)  # kernels chosen, allocator primed, before capturing
         self._static = tuple(t.to(self.tier.device).clone() for t in inputs)
         self._graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, Any, _GraphMarks | None]] = {}
+        capture_stream = torch.cuda.Stream(device=self.tier.device)
+        if any(capture_stream.cuda_stream == s.cuda_stream for s in self.tier.streams):
+            raise ColdStartError("the CUDA graph capture stream is one of the copy streams: the copies would "
+                                 "run before all compute")
         for cold, timed in ((True, False), (True, True), (False, False)):
             self.tier.begin(cold=False)
             graph = torch.cuda.CUDAGraph()
             marks = _GraphMarks(len(self.layers)) if timed else None
-            with torch.no_grad(), torch.cuda.graph(graph):
+            with torch.no_grad(), torch.cuda.graph(graph, stream=capture_stream):
                 leaves = self._walk_captured(self._static, cold, marks)
             self._graphs[cold, timed] = (graph, leaves, marks)
 
