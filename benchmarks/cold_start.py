@@ -299,7 +299,7 @@ def report(results: list[dict[str, Any]]) -> str:
                          f"{p['plan']:.2f} ({(p['plan'] - m['plan']) / m['plan'] * 100:+.0f}%)",
                          ", ".join(g["plan_direct_layers"]) or "none"])
         md += ["The same first inferences replayed as CUDA graphs (captured once, warm: the CPU queues no kernel; "
-               "the plan made with the profile's CPU queueing time set to zero; bound = max(bytes / copy rate, "
+               "the plan made from a layer profile replayed as graphs; bound = max(bytes / copy rate, "
                "a resident replay)):", "",
                common.markdown_table(["model", "resident replay ms", "bound ms", *(f"{s} ms" for s in STRATEGIES),
                                       "plan / bound", "pipeline / plan", "on-demand / plan", "plan predicted ms (err)",
