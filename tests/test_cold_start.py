@@ -364,6 +364,9 @@ def test_layer_profile_is_measured_stored_and_used(mlp, monkeypatch) -> None:
     assert costs.source == "measured" and len(costs.layers) == len(group_layers(program))
     assert all(c.load_ms > 0 and c.compute_ms >= 0 and c.direct_ms > 0 for c in costs.layers)
     assert costs.bandwidth_gbs > 0 and costs.extra["runs"] == 1
+    # every read costs something besides its bytes: measured directly, the planner's overhead is never below it
+    assert costs.extra["read_latency_ms"] > 0
+    assert costs.read_overhead_ms >= costs.extra["read_latency_ms"]
     assert layer_profile.stored_profile(db, program) == costs
 
     def fail(*args, **kwargs):
@@ -373,6 +376,13 @@ def test_layer_profile_is_measured_stored_and_used(mlp, monkeypatch) -> None:
     assert layer_profile.profile_layers(program, db, weights, runs=1) == costs
     plan = _schedule(program, records=db).annotation(LoadPlan)
     assert plan.profile == "measured"
+
+
+def test_one_cold_reads_latency_is_measured(mlp) -> None:
+    _, weights = mlp
+    for direct in (True, False):
+        ms = weights.read_latency_ms(direct=direct, samples=4)
+        assert 0 < ms < 1000
 
 
 # --- the GPU tier, up to the edge (no GPU here) ----------------------------------------------------

@@ -16,6 +16,7 @@ scheduling) and the device fingerprint, so `insert-load-schedule` finds it throu
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -89,6 +90,12 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
             else statistics.median(on_demand.weights.cold_read_gbs(direct=direct_io) for _ in range(3)))
     streaming = max(bulk, bandwidth)
     overhead = _read_overhead_ms(span, layers.nbytes, len(layers), streaming)
+    # disk: never below what each read measurably costs besides its bytes, the difference above being small
+    # and noisy (0 on a slow disk day, so BERT's plan read layer by layer): one cold read's own latency plus
+    # the I/O thread's gap between one read and the next, both measured directly
+    latency = 0.0 if isinstance(tier, HostTier) else statistics.median(
+        on_demand.weights.read_latency_ms(direct=direct_io) for _ in range(3)) + _read_gap_ms(od_runs)
+    overhead = max(overhead, latency)
     resident = med([t.after_reads_ms for t in od_runs])
     direct_total = med([t.total_ms - max(0.0, t.prologue_end_ms - t.prologue_start_ms) for t in dr_runs])
     # A layer's own measured read time is distorted by the kernel's read-ahead (a layer the previous read
@@ -117,7 +124,8 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     slowdown = 1.0 if gpu else _overlap_slowdown(pl_runs, costs)
     o_direct = isinstance(tier, DiskTier) and tier.direct_reads > 0  # the last cold run's loads bypassed the cache
     extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
-             "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "overlap_slowdown": slowdown,
+             "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "read_latency_ms": latency,
+             "overlap_slowdown": slowdown,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
              "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales,
@@ -126,6 +134,16 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
                       overlap_slowdown=slowdown,  # O_DIRECT reads (and copies) get no read-ahead from the kernel
                       readahead_bytes=on_demand.weights.readahead_bytes() if tier.name == "disk" and not o_direct
                       else 0)
+
+
+def _read_gap_ms(runs: list[Timeline]) -> float:
+    """The median over runs of the mean idle time between one read's end and the next one's start."""
+    gaps = []
+    for run in runs:
+        spans = sorted((t.load_start_ms, t.load_end_ms) for t in run.layers if t.load_start_ms >= 0)
+        if len(spans) > 1:
+            gaps.append(sum(max(0.0, b[0] - a[1]) for a, b in itertools.pairwise(spans)) / (len(spans) - 1))
+    return float(statistics.median(gaps)) if gaps else 0.0
 
 
 def _read_overhead_ms(span_ms: float, nbytes: int, reads: int, bandwidth_gbs: float) -> float:

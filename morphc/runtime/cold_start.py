@@ -266,6 +266,29 @@ class WeightsFile:
             os.close(fd)
         return done / seconds / 1e9 if seconds > 0 else 0.0
 
+    def read_latency_ms(self, *, direct: bool = True, samples: int = 16) -> float:
+        """The fixed cost of one cold read here (ms): the median time of `samples` one-block reads at offsets
+        spread over the evicted file (O_DIRECT where asked and allowed). What every read pays on top of its
+        bytes, measured directly: the planner's per-read overhead is otherwise a small difference of two
+        large noisy times (reading layer by layer against streaming), and came out as 0 on a slow disk day."""
+        self.evict()
+        fd = (_open_direct(self.path) if direct else None) or os.open(self.path, os.O_RDONLY)
+        buf = aligned_empty(LAYER_ALIGN)
+        mv = memoryview(buf.numpy())
+        blocks = max(1, (self.size - self.data_start) // LAYER_ALIGN)
+        offsets = [self.data_start // LAYER_ALIGN * LAYER_ALIGN + (k * blocks // samples) * LAYER_ALIGN
+                   for k in range(samples)]
+        times = []
+        try:
+            for off in offsets:
+                t0 = time.perf_counter()
+                os.preadv(fd, [mv], off)
+                times.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            os.close(fd)
+        times.sort()
+        return times[len(times) // 2]
+
     def readahead_bytes(self) -> int:
         """The kernel's read-ahead window for the file's block device (bytes; the largest of the
         machine's block devices when the file system has none of its own, e.g. overlayfs)."""
