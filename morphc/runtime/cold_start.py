@@ -17,16 +17,16 @@ Memory tiers (where weights start, what "load" and "direct access" mean):
   `evict()` drops the file's pages from the page cache with posix_fadvise(POSIX_FADV_DONTNEED)
   (after fsync; mapped pages cannot be dropped, so every run maps the file afresh and unmaps it
   after), and `resident_fraction()` checks it with mincore(2) through ctypes.
-- `HostTier` (GPU): weights in pinned host memory. A *load* copies a layer host->device with
-  `non_blocking` copies on a per-channel copy stream; *direct access* hands kernels a device
-  pointer to mapped pinned memory, done with stock PyTorch: `torch.cuda.cudart().cudaHostRegister(
-  ptr, nbytes, cudaHostRegisterMapped | cudaHostRegisterPortable)` on the host tensor's memory,
-  then, since CUDA's unified virtual addressing makes the host address valid on the device for
-  registered memory, wrapping that address as a CUDA tensor through `__cuda_array_interface__`
-  (`torch.as_tensor(obj, device="cuda")`, zero copy). Parallel transmission: channel c copies
-  over GPU c's own PCIe link and forwards to the compute GPU over the device link. No GPU was
-  available where this was written: the pointer/interface construction and registration calls are
-  tested against a stand-in cudart, the CUDA paths themselves are not run (see docs).
+- `HostTier` (GPU): weights in one host buffer registered with stock PyTorch's
+  `torch.cuda.cudart().cudaHostRegister(ptr, nbytes, cudaHostRegisterMapped | Portable)`: page-locked,
+  so a *load* is one DMA copy per contiguous run of layers on the channel's copy stream into a device
+  arena allocated once; and mapped, so *direct access* hands kernels the buffer itself (CUDA's unified
+  virtual addressing makes the host address valid on the device; it is wrapped as a CUDA tensor
+  through `__cuda_array_interface__`, zero copy) and they read the weights over PCIe. Parallel
+  transmission: channel c copies over GPU c's own PCIe link and forwards over the device link (needs
+  several GPUs; not run). Eager, the compute stream waits for loads with events and the CPU queues
+  kernels ahead; `capture`/`replay` run the whole scheduled first inference as a CUDA graph. Run on
+  an H100 (tests/test_cold_start_gpu.py, benchmarks/README.md); without a GPU those tests skip.
 
 The executor walks the scheduled graph in order: a `morphc::prefetch` issues its layer's load on
 its channel's I/O thread (FIFO, as the planner assumed), a `morphc::wait` blocks until that load
