@@ -690,7 +690,9 @@ class HostTier:
                 if channel == 0:
                     self._arena[s:e].copy_(self._host[s:e], non_blocking=True)
                 else:
-                    hop = self._staging.setdefault(channel, torch.empty_like(self._arena, device=f"cuda:{channel}"))
+                    if channel not in self._staging:  # GPU c's landing arena, allocated once
+                        self._staging[channel] = torch.empty_like(self._arena, device=f"cuda:{channel}")
+                    hop = self._staging[channel]
                     hop[s:e].copy_(self._host[s:e], non_blocking=True)
                     self._arena[s:e].copy_(hop[s:e], non_blocking=True)  # device link
             if ended is not None and ended is not done:
