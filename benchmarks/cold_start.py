@@ -144,13 +144,13 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
             out, tl = exe.run(*inputs, cold=True)
             check_outputs(s, out, reference, exact=not gpu, mismatch=max_diff)
             samples[s].append(tl)
+    must_read = sum(layer.touched_bytes for layer in layers)
     graphs = (bench_graphs(name, prefix, program, db, scheduled, files, inputs, reference, runs, profile_runs,
-                           max_diff, bulk) if gpu else None)
+                           max_diff, bulk, must_read) if gpu else None)
     load_end = common.load_average()
     med = {s: statistics.median(t.total_ms for t in tls) for s, tls in samples.items()}
     median_runs = {s: sorted(tls, key=lambda t: t.total_ms)[len(tls) // 2] for s, tls in samples.items()}
     plans = {s: p.annotation(LoadPlan) for s, p in scheduled.items()}
-    must_read = sum(layer.touched_bytes for layer in layers)
     bw = max(statistics.median(bulk), costs.bandwidth_gbs)
     # compute with the weights resident, in the same rounds: the on-demand runs compute after their one read
     # (the profile's figure was taken minutes earlier, and this VM's CPU speed drifts between sessions).
@@ -190,15 +190,15 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
 
 def bench_graphs(name: str, prefix: str, program: morphc.Program, db: RecordsDB, scheduled: dict[str, morphc.Program],
                  files: dict[str, WeightsFile], inputs: tuple[torch.Tensor, ...], reference: dict[str, torch.Tensor],
-                 runs: int, profile_runs: int, max_diff: dict[str, float], bulk: list[float]) -> dict[str, Any]:
+                 runs: int, profile_runs: int, max_diff: dict[str, float], bulk: list[float],
+                 must_read: int) -> dict[str, Any]:
     """GPU: the same strategies replayed as CUDA graphs (captured once, warm; no kernel queued by the CPU
     in the first inference), with a plan made from a profile replayed as graphs, interleaved cold
     replays, and the bound with a resident replay as its compute."""
     # the profile replayed as graphs: each layer's device time alone, direct access's included
     graph_costs = profile_layers(program, db, files["on-demand"], runs=profile_runs, refresh=True, device="cuda",
                                  cuda_graph=True)
-    ctx = PassContext(reproducer_dir=None, device="cuda", options={"layer-profile": graph_costs,
-                                                                   "execution": "cuda-graph"})
+    ctx = PassContext(reproducer_dir=None, device="cuda", options={"layer-profile": graph_costs})
     plans = {**{s: scheduled[s] for s in ("on-demand", "pipeline", "direct")},
              "plan": morphc.Pipeline.parse("insert-load-schedule").run(program, ctx)}
     executors = {}
@@ -220,7 +220,6 @@ def bench_graphs(name: str, prefix: str, program: morphc.Program, db: RecordsDB,
     timed = {s: exe.replay(*inputs, cold=True, timed=True)[1] for s, exe in executors.items()}  # graphs' own marks
     (common.RESULTS / f"{prefix}_{name}_graph_plan.md").write_text(
         plan_markdown(plans["plan"].annotation(LoadPlan), timed["plan"].rows()))
-    must_read = sum(layer.touched_bytes for layer in group_layers(program))
     warm = statistics.median(resident)
     bound = max(must_read / (statistics.median(bulk) * 1e6), warm)
     predicted = {s: predict_plan(p.annotation(LoadPlan), graph_costs) for s, p in plans.items()}

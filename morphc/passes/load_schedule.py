@@ -393,10 +393,10 @@ def _profile_from_context(program: Program, layers: Layers, ctx: PassContext) ->
     key = layer_profile_key(program)
     # device fingerprints start with the device kind ("cpu|<cpu model>|...", see predictors.records)
     found = [r for r in records.query(kind=PROFILE_KIND, model=key) if r.device.split("|", 1)[0] == ctx.device]
-    # a profile measured in the I/O mode the executor loads in by default (O_DIRECT on disk) is preferred to a
-    # newer one in another mode (a --page-cache benchmark's); ctx.options["load-io"] names another mode
-    # newer one in another mode (a --page-cache benchmark's), and one measured as the program will run
-    # (eager, or replayed as a CUDA graph: ctx.options["execution"]) to one measured the other way
+    # a profile measured as the program will run (eager, or replayed as a CUDA graph: ctx.options["execution"])
+    # is preferred to one measured the other way, and within that one measured in the I/O mode the executor
+    # loads in (O_DIRECT on disk by default; ctx.options["load-io"] names another) to a newer one in another
+    # mode (a --page-cache benchmark's)
     mode = ctx.options.get("load-io", "copy-stream" if ctx.device.startswith("cuda") else "o-direct")
     execution = ctx.options.get("execution", "eager")
     found.sort(key=lambda r: (r.config.get("execution", "eager") == execution,

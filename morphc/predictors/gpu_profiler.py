@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from morphc.ir.program import Program
-from morphc.predictors.profiler import LatencyStats, _load, _summarize, resolve_config
+from morphc.predictors.profiler import LatencyStats, OpTimer, WallEvent, _load, _summarize, resolve_config
 from morphc.predictors.spaces import ConfigError, DeviceUnavailableError, GpuConfig
 
 MPS_SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
@@ -68,17 +68,6 @@ def check_cuda() -> None:
             f"one: scripts/collect_gpu_profile.py")
 
 
-class _WallEvent:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def record(self) -> None:
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: _WallEvent) -> float:
-        return (end.t - self.t) * 1e3
-
-
 class HostBackend:
     """A stand-in device layer on the CPU (wall-clock events, nothing to synchronize): runs the GPU
     measurement path where there is no GPU, for tests and dry runs. Its numbers are CPU numbers; records
@@ -90,7 +79,7 @@ class HostBackend:
         pass
 
     def event(self) -> Event:
-        return _WallEvent()
+        return WallEvent()
 
 
 DRY_RUN_DEVICE = "cuda|DRY-RUN-ON-CPU (HostBackend, not a GPU)"
@@ -214,39 +203,13 @@ def profile_program_gpu(program: Program, config: GpuConfig, backend: Backend | 
         return measure_gpu(lambda: program(*program.example_inputs), backend, **measure)
 
 
-class _GpuOpTimer(fx.Interpreter):
-    """Records a pair of timing events around every call_function node; read them with `collect`."""
-
-    def __init__(self, gm: fx.GraphModule, backend: Backend) -> None:
-        super().__init__(gm)
-        self.backend = backend
-        self.pending: list[tuple[str, Event, Event]] = []
-        self.times: dict[str, list[float]] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op != "call_function":
-            return super().run_node(n)
-        start, end = self.backend.event(), self.backend.event()
-        start.record()
-        out = super().run_node(n)
-        end.record()
-        self.pending.append((n.name, start, end))
-        return out
-
-    def collect(self) -> None:
-        self.backend.synchronize()
-        for name, start, end in self.pending:
-            self.times.setdefault(name, []).append(float(start.elapsed_time(end)))
-        self.pending.clear()
-
-
 def profile_ops_gpu(program: Program, config: GpuConfig, backend: Backend | None = None, *, warmup: int = 1,
                     repeats: int = 3, environ: Mapping[str, str] | None = None) -> dict[str, float]:
     """Median GPU time (ms) of every operator node of `program` (already on the device) by node name."""
     backend = backend or CudaBackend()
     check_gpu_config(resolve_config(program, config), environ)  # type: ignore[arg-type]
     _check_on_device(program, backend)
-    timer = _GpuOpTimer(program.graph_module, backend)
+    timer = OpTimer(program.graph_module, backend.event, backend.synchronize)
     with torch.no_grad():
         for _ in range(warmup):
             timer.run(*program.example_inputs)

@@ -93,7 +93,7 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     # disk: never below what each read measurably costs besides its bytes, the difference above being small
     # and noisy (0 on a slow disk day, so BERT's plan read layer by layer): one cold read's own latency plus
     # the I/O thread's gap between one read and the next, both measured directly
-    latency = 0.0 if isinstance(tier, HostTier) else statistics.median(
+    latency = 0.0 if gpu else statistics.median(
         on_demand.weights.read_latency_ms(direct=direct_io) for _ in range(3)) + _read_gap_ms(od_runs)
     overhead = max(overhead, latency)
     resident = med([t.after_reads_ms for t in od_runs])

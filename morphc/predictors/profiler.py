@@ -176,20 +176,48 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
     return [_summarize(s, load_before) for s in samples]
 
 
-class _OpTimer(fx.Interpreter):
-    """Runs the graph and adds each call_function node's wall time to `times` (ms)."""
+class WallEvent:
+    """A timing mark on the wall clock, with the interface of a CUDA timing event (`record`,
+    `elapsed_time` in ms): what the operator timer uses on the CPU, where compute is synchronous."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: WallEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+class OpTimer(fx.Interpreter):
+    """Runs the graph with a pair of timing marks around every call_function node (wall-clock marks on
+    the CPU, CUDA events on a GPU: `event`), read by `collect` once the device has caught up
+    (`synchronize`); each node's times (ms) accumulate in `times`."""
+
+    def __init__(self, gm: fx.GraphModule, event: Callable[[], Any] = WallEvent,
+                 synchronize: Callable[[], None] = lambda: None) -> None:
         super().__init__(gm)
+        self.event = event
+        self.synchronize = synchronize
+        self.pending: list[tuple[str, Any, Any]] = []
         self.times: dict[str, list[float]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op != "call_function":
             return super().run_node(n)
-        start = time.perf_counter()
+        start, end = self.event(), self.event()
+        start.record()
         out = super().run_node(n)
-        self.times.setdefault(n.name, []).append((time.perf_counter() - start) * 1e3)
+        end.record()
+        self.pending.append((n.name, start, end))
         return out
+
+    def collect(self) -> None:
+        self.synchronize()
+        for name, start, end in self.pending:
+            self.times.setdefault(name, []).append(float(start.elapsed_time(end)))
+        self.pending.clear()
 
 
 def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int = 1,
@@ -211,13 +239,15 @@ def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int 
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        timer = _OpTimer(program.graph_module)
+        timer = OpTimer(program.graph_module)
         with torch.no_grad():
             for _ in range(warmup):
                 timer.run(*program.example_inputs)
+                timer.collect()
             timer.times.clear()
             for _ in range(repeats):
                 timer.run(*program.example_inputs)
+                timer.collect()
     finally:
         torch.set_num_threads(previous)
     return {name: statistics.median(ts) for name, ts in timer.times.items()}

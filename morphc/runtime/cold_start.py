@@ -580,9 +580,16 @@ def register_mapped(host: torch.Tensor, cudart: Any = None) -> None:
 def direct_device_view(host: torch.Tensor, device: str = "cuda", cudart: Any = None,
                        as_tensor: Callable[..., torch.Tensor] = torch.as_tensor) -> torch.Tensor:
     """A CUDA tensor reading `host` over PCIe (DeepPlan's direct host access with stock PyTorch):
-    register the memory as mapped, then wrap its (UVA) address as a device tensor."""
+    register the memory as mapped, then wrap its (UVA) address as a device tensor (torch reads the
+    pointer's attributes and refuses unregistered host memory). A failed wrap unregisters again: a
+    later buffer at the same address could not be registered otherwise."""
+    cudart = cudart if cudart is not None else torch.cuda.cudart()
     register_mapped(host, cudart)
-    return as_tensor(_CudaArray(cuda_array_interface(host), host), device=device)
+    try:
+        return as_tensor(_CudaArray(cuda_array_interface(host), host), device=device)
+    except BaseException:
+        cudart.cudaHostUnregister(host.untyped_storage().data_ptr())
+        raise
 
 
 @dataclass(frozen=True)
@@ -625,13 +632,8 @@ class HostTier:
         with open(weights.path, "rb") as f:
             f.seek(base)
             f.readinto(memoryview(self._host.numpy()))
-        register_mapped(self._host)
+        mapped = direct_device_view(self._host, str(self.device))
         self._registered = True
-        try:  # torch reads the pointer's attributes and refuses unregistered host memory
-            mapped = torch.as_tensor(_CudaArray(cuda_array_interface(self._host), self._host), device=self.device)
-        except BaseException:
-            self.close()  # a later buffer at the same address could not be registered again
-            raise
         self._mapped_views = {attr: e.view_in(mapped, base) for attr, e in weights.tensors.items()}
         self._host_views = {attr: e.view_in(self._host, base) for attr, e in weights.tensors.items()}
         # where loads land: allocated once and kept (PipeSwitch's memory daemon keeps GPU memory too), so a
@@ -656,9 +658,9 @@ class HostTier:
             self._arena.copy_(self._host)
         torch.cuda.synchronize(self.device)
 
-    def resident(self, attr: str) -> torch.Tensor:
-        """The tensor where a warm run finds it, on the device."""
-        return self._views[attr]
+    def resident(self, *layers: LayerRange) -> dict[str, torch.Tensor]:
+        """The layers' tensors where a warm run finds them, on the device (what `load` yields, uncopied)."""
+        return {attr: self._views[attr] for layer in layers for attr in layer.attrs}
 
     def view(self, attr: str) -> torch.Tensor:
         """The tensor as a device tensor on the mapped host memory (direct host access)."""
@@ -698,8 +700,7 @@ class HostTier:
             if ended is not None and ended is not done:
                 ended.record(stream)
             done.record(stream)
-        return PendingLoad({attr: self._views[attr] for layer in layers for attr in layer.attrs}, started, done,
-                           ended)
+        return PendingLoad(self.resident(*layers), started, done, ended)
 
     def copy_gbs(self, repeats: int = 3) -> float:
         """The host->device copy rate of the whole weights (GB/s, best of `repeats` copies timed on the
@@ -844,6 +845,21 @@ class ColdStartExecutor:
             (n, segment.get(n.name) if n.op == "call_function" and not is_schedule_node(n) else None)
             for n in program.graph.nodes]
 
+    def _group_ranges(self, members: dict[int, list[int]], group: int) -> list[LayerRange]:
+        """The file ranges of read group `group`'s layers."""
+        return [self.weights.by_name[self.layers.layers[i].name] for i in members[group]]
+
+    def _attr_value(self, attr: str) -> torch.Tensor | None:
+        """What a get_attr yields in the walk: a direct-access weight where it lies, None for a loaded one (its
+        wait yields it), a tensor outside the weights file from the program (e.g. num_batches_tracked)."""
+        if attr in self._direct_attrs:
+            return self.tier.view(attr)
+        return None if attr in self.weights.tensors else self.program.tensor(attr)
+
+    def _groups_issued_at_start(self, groups: Sequence[int]) -> list[int]:
+        """The read groups the plan issues before any compute (in plan order)."""
+        return [groups[i] for i, entry in enumerate(self.plan.layers) if entry[1] == "load" and entry[2] < 0]
+
     def _cpus(self) -> tuple[set[int], set[int]]:
         """(compute CPUs, I/O CPUs) when the threads are pinned apart, else two empty sets."""
         if not self.pin_threads or not hasattr(os, "sched_setaffinity"):
@@ -896,17 +912,14 @@ class ColdStartExecutor:
         groups = plan.groups()
         members = group_members(groups)
 
-        def ranges(group: int) -> list[LayerRange]:
-            return [self.weights.by_name[self.layers.layers[i].name] for i in members[group]]
-
         def do_load(group: int, channel: int) -> dict[str, torch.Tensor] | PendingLoad:  # on the I/O thread
             if isinstance(self.tier, HostTier):  # queued: the copy stream's events time it
-                pending = self.tier.load(*ranges(group), channel=channel)
+                pending = self.tier.load(*self._group_ranges(members, group), channel=channel)
                 marks = (pending.started, pending.done)
                 out: dict[str, torch.Tensor] | PendingLoad = pending
             else:
                 start = clock.now()
-                out = self.tier.load(*ranges(group))
+                out = self.tier.load(*self._group_ranges(members, group))
                 marks = (start, clock.now())
             with lock:
                 for i in members[group]:
@@ -921,16 +934,15 @@ class ColdStartExecutor:
                 return
             if resident:
                 futures[g] = Future()
-                futures[g].set_result({a: self.tier.resident(a) for r in ranges(g) for a in r.attrs})  # type: ignore[union-attr]
+                futures[g].set_result(self.tier.resident(*self._group_ranges(members, g)))  # type: ignore[union-attr]
                 return
             channel = plan.layers[g][3]
             futures[g] = pools[channel].submit(do_load, g, channel)
 
         # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
         # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
-        for i, entry in enumerate(plan.layers):
-            if entry[1] == "load" and entry[2] < 0:
-                issue(groups[i])
+        for g in self._groups_issued_at_start(groups):
+            issue(g)
         direct_dense = [m == "direct" and isinstance(self.tier, DiskTier) and layer.name not in self.tier.sparse
                         for layer, m in zip(self.layers, plan.modes())]
         env: dict[fx.Node, Any] = {}
@@ -952,14 +964,8 @@ class ColdStartExecutor:
                 for node, seg in self._steps:
                     if node.op == "placeholder":
                         env[node] = next(placeholders)
-                    elif node.op == "get_attr":  # (a tensor no compute reads, e.g. num_batches_tracked, stays)
-                        attr = str(node.target)
-                        if attr in self._direct_attrs:
-                            env[node] = self.tier.view(attr)
-                        elif attr in self.weights.tensors:
-                            env[node] = None  # loaded: its wait yields the tensor
-                        else:
-                            env[node] = self.program.tensor(attr)
+                    elif node.op == "get_attr":
+                        env[node] = self._attr_value(str(node.target))
                     elif node.target is PREFETCH:
                         issue(groups[node.args[2]])
                         env[node] = env[node.args[0]]
@@ -1048,7 +1054,6 @@ class ColdStartExecutor:
                             None if rb0 is None or rb1 is None else rb1 - rb0, cold)
         return outputs, timeline
 
-
     # --- CUDA graphs (GPU) ------------------------------------------------------------------------
 
     def capture(self, *inputs: torch.Tensor) -> None:
@@ -1115,7 +1120,7 @@ class ColdStartExecutor:
         def issue(g: int) -> None:
             if g in pending:
                 return
-            layers = [self.weights.by_name[self.layers.layers[i].name] for i in members[g]]
+            layers = self._group_ranges(members, g)
             if cold:
                 forked.add(plan.layers[g][3])
                 load = tier.load(*layers, channel=plan.layers[g][3], after=compute, timed=marks is not None)
@@ -1124,11 +1129,10 @@ class ColdStartExecutor:
                         marks.loads[i] = (load.started, load.ended)
                 pending[g] = load
             else:
-                pending[g] = {a: tier.resident(a) for r in layers for a in r.attrs}
+                pending[g] = tier.resident(*layers)
 
-        for i, entry in enumerate(plan.layers):
-            if entry[1] == "load" and entry[2] < 0:
-                issue(groups[i])
+        for g in self._groups_issued_at_start(groups):
+            issue(g)
         env: dict[fx.Node, Any] = {}
         placeholders = iter(inputs)
         waited: set[int] = set()
@@ -1137,9 +1141,7 @@ class ColdStartExecutor:
             if node.op == "placeholder":
                 env[node] = next(placeholders)
             elif node.op == "get_attr":
-                attr = str(node.target)
-                env[node] = (tier.view(attr) if attr in self._direct_attrs else None if attr in self.weights.tensors
-                             else self.program.tensor(attr))
+                env[node] = self._attr_value(str(node.target))
             elif node.target is PREFETCH:
                 issue(groups[node.args[2]])
                 env[node] = env[node.args[0]]
