@@ -189,6 +189,9 @@ def test_direct_access_reads_only_the_touched_pages(tmp_path: Path) -> None:
     weights = write_weights(program, tmp_path / "lookup.safetensors")
     table = 16384 * 256 * 4
     direct = ColdStartExecutor(_schedule(program, "direct"), weights)
+    # /proc/self/io counts every read of the process: a first run may also fault in code pages of
+    # libraries (after the page cache was dropped, say) and read more than the table. Judge the second.
+    direct.run(ids)
     out, timeline = direct.run(ids)
     assert torch.equal(out["model"], program(ids)["model"])
     loaded_fraction = weights.resident_fraction(*_range(weights, "table"))
@@ -274,6 +277,28 @@ def bert(tmp_path_factory) -> tuple[morphc.Program, WeightsFile, tuple[torch.Ten
     z = zoo.build("bert-small")
     program = morphc.lower(z.model, z.example_inputs)
     return program, write_weights(program, tmp_path_factory.mktemp("w") / "bert.safetensors"), z.example_inputs
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_streamed_chunk_reads_match_whole_group_reads(depth: int, bert) -> None:
+    """The disk loads as one stream of chunk reads with several in flight: the same outputs as one whole
+    read per group at a time, every chunk read (more reads than groups), and no layer computed before
+    all of its chunks are in."""
+    program, weights, inputs = bert
+    scheduled = _schedule(program, "pipeline")
+    expected, _ = ColdStartExecutor(scheduled, weights, read_depth=1).run(*inputs)
+    exe = ColdStartExecutor(scheduled, weights, read_depth=depth, read_chunk=8192)
+    outputs, timeline = exe.run(*inputs)
+    assert all(torch.equal(outputs[k], expected[k]) for k in expected)
+    groups = {g for g in scheduled.annotation(LoadPlan).groups() if g >= 0}
+    reads = exe.tier.direct_reads + exe.tier.cached_reads
+    if depth > 1:
+        assert reads > len(groups), f"{reads} reads for {len(groups)} groups: the loads were not cut into chunks"
+    for t in timeline.layers:
+        if t.mode == "load":
+            assert 0 <= t.load_start_ms <= t.load_end_ms <= t.compute_start_ms + 1e-6, t
+    with pytest.raises(ColdStartError, match="read_depth"):
+        ColdStartExecutor(scheduled, weights, read_depth=0)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
