@@ -210,15 +210,7 @@ def profile_ops_gpu(program: Program, config: GpuConfig, backend: Backend | None
     check_gpu_config(resolve_config(program, config), environ)  # type: ignore[arg-type]
     _check_on_device(program, backend)
     timer = OpTimer(program.graph_module, backend.event, backend.synchronize)
-    with torch.no_grad():
-        for _ in range(warmup):
-            timer.run(*program.example_inputs)
-            timer.collect()
-        timer.times.clear()
-        for _ in range(repeats):
-            timer.run(*program.example_inputs)
-            timer.collect()
-    return {name: statistics.median(ts) for name, ts in timer.times.items()}
+    return timer.medians(program.example_inputs, warmup=warmup, repeats=repeats)
 
 
 def _check_on_device(program: Program, backend: Backend) -> None:

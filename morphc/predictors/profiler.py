@@ -219,6 +219,18 @@ class OpTimer(fx.Interpreter):
             self.times.setdefault(name, []).append(float(start.elapsed_time(end)))
         self.pending.clear()
 
+    def medians(self, inputs: Sequence[Any], *, warmup: int, repeats: int) -> dict[str, float]:
+        """Run `warmup` untimed and `repeats` timed passes; each node's median time (ms) by node name."""
+        with torch.no_grad():
+            for _ in range(warmup):
+                self.run(*inputs)
+                self.collect()
+            self.times.clear()
+            for _ in range(repeats):
+                self.run(*inputs)
+                self.collect()
+        return {name: statistics.median(ts) for name, ts in self.times.items()}
+
 
 def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int = 1,
                 repeats: int = 5) -> dict[str, float]:
@@ -239,18 +251,9 @@ def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int 
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        timer = OpTimer(program.graph_module)
-        with torch.no_grad():
-            for _ in range(warmup):
-                timer.run(*program.example_inputs)
-                timer.collect()
-            timer.times.clear()
-            for _ in range(repeats):
-                timer.run(*program.example_inputs)
-                timer.collect()
+        return OpTimer(program.graph_module).medians(program.example_inputs, warmup=warmup, repeats=repeats)
     finally:
         torch.set_num_threads(previous)
-    return {name: statistics.median(ts) for name, ts in timer.times.items()}
 
 
 def collect(programs: Sequence[Program], configs: Iterable[CpuConfig | GpuConfig], db: RecordsDB, *,
