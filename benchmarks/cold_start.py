@@ -174,6 +174,7 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
         "layer_by_layer_read_gbs": costs.extra.get("layer_by_layer_read_gbs"), "bulk_gbs_per_round": bulk,
         "profile_read_gbs": costs.bandwidth_gbs,
         "read_overhead_ms": costs.read_overhead_ms, "overlap_slowdown": costs.overlap_slowdown,
+        "read_slowdown": costs.read_slowdown,
         "reads": {s: len({g for g in plans[s].groups() if g >= 0}) for s in STRATEGIES},
         "bound_ms": bound, "median_ms": med, "runs": runs, "warm_ms": warm, "on_demand_tail_ms": tail,
         "all_ms": {s: [t.total_ms for t in tls] for s, tls in samples.items()},
@@ -284,7 +285,8 @@ def report(results: list[dict[str, Any]]) -> str:
            "", common.markdown_table(["model", *STRATEGIES], read_rows), "",
            "Measured profile facts the planner used: " + "; ".join(
                f"{r['model']}: {r['read_overhead_ms']:.3f} ms per read, compute {r['overlap_slowdown']:.2f}x slower "
-               "while loads stream in" for r in results), ""]
+               f"while loads stream in, loads {r.get('read_slowdown', 1.0):.2f}x slower while compute runs"
+               for r in results), ""]
     graphed = [r for r in results if r.get("cuda_graphs")]
     if graphed:
         rows = []

@@ -82,6 +82,7 @@ def layer_costs(draw: st.DrawFn) -> LayerCosts:
     return LayerCosts(tuple(layers), draw(ms), "analytic", tier,
                       draw(st.floats(0.01, 100.0)), draw(st.sampled_from([0.0, 1.0, 50.0])),
                       read_overhead_ms=draw(st.floats(0.0, 5.0)), overlap_slowdown=draw(st.floats(1.0, 2.0)),
+                      read_slowdown=draw(st.floats(1.0, 2.0)),
                       readahead_bytes=draw(st.sampled_from([0, 128 << 10, 8 << 20])))
 
 
@@ -187,6 +188,32 @@ def test_compute_overlapping_loads_is_slowed_as_measured() -> None:
     timeline, total = simulate(costs, ["load", "load"], [-1, -1], [0, 0], 1)
     assert timeline[0][2:] == pytest.approx((1.0, 4.0))  # b still loading while a computes: 2 ms x 1.5
     assert total == pytest.approx(6.0)  # b computes alone at full speed
+
+
+def test_loads_overlapping_compute_are_slowed_as_measured_but_not_on_demand() -> None:
+    layers = (LayerCost("a", 1_000_000, 1_000_000, 1.0, 2.0, 3.0), LayerCost("b", 1_000_000, 1_000_000, 1.0, 2.0, 3.0))
+    costs = LayerCosts(layers, 0.0, "measured", "disk", 1.0, read_slowdown=1.5)
+    timeline, total = simulate(costs, ["load", "load"], [-1, -1], [0, 0], 1)
+    assert [t[:2] for t in timeline] == [pytest.approx((0.0, 1.5)), pytest.approx((1.5, 3.0))]
+    assert total == pytest.approx(5.5)  # a computes once its slowed read is in (1.5 ms), then b: 2 ms each
+    _, on_demand = simulate(costs, ["load", "load"], [-1, -1], [0, 0], 1, barrier=True)
+    assert on_demand == pytest.approx(6.0)  # nothing computes while on-demand reads: 2 x 1 ms, then 2 x 2 ms
+
+
+def test_the_read_slowdown_is_the_pipelined_reads_span_over_the_profiled_loads() -> None:
+    from morphc.predictors.layer_profile import _read_slowdown
+    from morphc.runtime.cold_start import LayerTiming, Timeline
+
+    costs = [LayerCost("a", 10, 10, 1.0, 2.0, 3.0), LayerCost("b", 10, 10, 1.0, 2.0, 3.0)]
+
+    def run(first: float, end: float) -> Timeline:
+        layers = (LayerTiming("a", "load", 0, first, first + 1.0, 2.0, 4.0, 0.0),
+                  LayerTiming("b", "load", 0, first + 1.0, end, 4.0, 6.0, 0.0))
+        return Timeline("pipeline", "disk", 6.0, -1.0, -1.0, layers, None, True)
+
+    assert _read_slowdown([run(0.5, 3.5), run(0.5, 2.7), run(0.0, 2.6)], costs) == pytest.approx(1.3)
+    assert _read_slowdown([run(0.0, 1.5)], costs) == 1.0  # faster than profiled: noise, not a speed-up
+    assert _read_slowdown([], costs) == 1.0
 
 
 # --- the plan in the IR -----------------------------------------------------------------------------

@@ -297,6 +297,7 @@ class LayerCosts:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     read_overhead_ms: float = 0.0  # fixed cost of one read/copy (syscall, latency, hand-off), in every load_ms
     overlap_slowdown: float = 1.0  # compute runs this much slower while loads are still streaming in
+    read_slowdown: float = 1.0  # and loads read this much slower while compute runs beside them
     readahead_bytes: int = 0  # how far the kernel reads ahead of a sequential reader (queued before a fault)
 
     def to_json(self) -> dict[str, Any]:

@@ -111,7 +111,8 @@ def simulate(costs: LayerCosts, modes: Sequence[str], issue_after: Sequence[int]
 
     def load_ms(i: int) -> float:
         c = costs.layers[i]
-        base = c.load_ms * (channels if shared and channels > 1 else 1)
+        # pipelined loads share the machine with compute (memory traffic, the GIL, the cores): slower
+        base = c.load_ms * (channels if shared and channels > 1 else 1) * (1.0 if barrier else costs.read_slowdown)
         return base + (io_ms(c.nbytes, costs.link_gbs) if channel[i] > 0 and not shared else 0.0)
 
     queues = {c: sorted((i for i in range(n) if modes[i] == "load" and channel[i] == c),

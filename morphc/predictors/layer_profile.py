@@ -122,16 +122,18 @@ def measure_layer_costs(program: Program, weights: WeightsFile | str | Path, *, 
     # GPU: copies do not slow kernels measurably; a pipelined run's segments look slower because the device
     # waits for the CPU to queue them, which dispatch_ms models
     slowdown = 1.0 if gpu else _overlap_slowdown(pl_runs, costs)
+    read_slowdown = 1.0 if gpu else _read_slowdown(pl_runs, costs)
     o_direct = isinstance(tier, DiskTier) and tier.direct_reads > 0  # the last cold run's loads bypassed the cache
     extra = {"runs": runs, "threads": torch.get_num_threads(), "layer_by_layer_read_gbs": bandwidth,
              "bulk_read_gbs": bulk, "read_overhead_ms": overhead, "read_latency_ms": latency,
-             "overlap_slowdown": slowdown,
+             "overlap_slowdown": slowdown, "read_slowdown": read_slowdown,
              "resident_compute_ms": resident, "on_demand_ms": med([t.total_ms for t in od_runs]),
              "direct_ms": med([t.total_ms for t in dr_runs]),
              "direct_read_bytes": med([float(t.read_bytes or 0) for t in dr_runs]), "scales": scales,
              "o_direct": o_direct, "cuda_graph": cuda_graph}
     return LayerCosts(tuple(costs), prologue, "measured", tier.name, streaming, 0.0, extra, read_overhead_ms=overhead,
-                      overlap_slowdown=slowdown,  # O_DIRECT reads (and copies) get no read-ahead from the kernel
+                      overlap_slowdown=slowdown, read_slowdown=read_slowdown,
+                      # O_DIRECT reads (and copies) get no read-ahead from the kernel
                       readahead_bytes=on_demand.weights.readahead_bytes() if tier.name == "disk" and not o_direct
                       else 0)
 
@@ -166,6 +168,19 @@ def _overlap_slowdown(runs: list[Timeline], costs: list[LayerCost]) -> float:
         if resident > 0:
             ratios.append(sum(run.layers[i].compute_end_ms - run.layers[i].compute_start_ms for i in idx) / resident)
     return min(3.0, max(1.0, float(statistics.median(ratios)))) if ratios else 1.0
+
+
+def _read_slowdown(runs: list[Timeline], costs: list[LayerCost]) -> float:
+    """How much slower the loads stream while compute runs beside them (pipelined cold runs, every load
+    issued at the start, one read per layer) than the profile's load times say (measured without
+    compute): the median over runs of the reads' span / the sum of the layers' load times."""
+    expected = sum(c.load_ms for c in costs)
+    ratios = []
+    for run in runs:
+        starts = [t.load_start_ms for t in run.layers if t.load_start_ms >= 0]
+        if starts and expected > 0:
+            ratios.append((run.reads_end_ms - min(starts)) / expected)
+    return min(2.0, max(1.0, float(statistics.median(ratios)))) if ratios else 1.0
 
 
 def _scale(total: float, parts: list[float]) -> float:
