@@ -4,16 +4,16 @@ Memory tiers (where weights start, what "load" and "direct access" mean):
 
 - `DiskTier` (CPU): weights in a safetensors file written in load order (`write_weights`: layer by
   layer, every layer page-aligned, every tensor 64-byte aligned; a scheduled program's loaded layers
-  first and its direct-access layers after them, so its loads are one contiguous stream),
-  memory-mapped. A *load* reads the layer's byte range into RAM with one `preadv` on an I/O thread
-  (GIL released, overlapping compute); from the cold state with O_DIRECT where the file system
-  allows it, so the disk writes straight into the tensors' memory and no CPU copies out of the page
-  cache while the other core computes. The RAM loads land in is backed by transparent huge pages
-  (`aligned_empty`): physically contiguous 2 MB pages let the block layer send a few large requests
-  where 4 KB pages scattered over RAM cap each request at ~1 MB (O_DIRECT bulk reads on this VM's virtio
-  disk: 3.5-3.7 GB/s into huge pages, 1.5-1.6 GB/s into 4 KB pages). *Direct access* computes on
-  tensors viewing the mapped pages, so only the pages an operator touches are read (an embedding
-  lookup touches its rows). Cold is real:
+  first and its direct-access layers after them, so its loads are one contiguous stream), memory-mapped.
+  A *load* reads the layer's byte range into RAM with `preadv`s on I/O threads (GIL released,
+  overlapping compute; 8 MB chunks, two in flight, see READ_DEPTH); from the cold state with O_DIRECT
+  where the file system allows it, so the disk writes straight into the tensors' memory and no CPU
+  copies out of the page cache while the other core computes. The RAM loads land in is backed by
+  transparent huge pages (`aligned_empty`): physically contiguous 2 MB pages let the block layer send a
+  few large requests where 4 KB pages scattered over RAM cap each request at ~1 MB (O_DIRECT bulk reads
+  on this VM's virtio disk: 3.5-3.7 GB/s into huge pages, 1.5-1.6 GB/s into 4 KB pages). *Direct access*
+  computes on tensors viewing the mapped pages, so only the pages an operator touches are read (an
+  embedding lookup touches its rows). Cold is real:
   `evict()` drops the file's pages from the page cache with posix_fadvise(POSIX_FADV_DONTNEED)
   (after fsync; mapped pages cannot be dropped, so every run maps the file afresh and unmaps it
   after), and `resident_fraction()` checks it with mincore(2) through ctypes.
