@@ -827,7 +827,7 @@ class ColdStartExecutor:
             raise ColdStartError(f"read_depth must be >= 1 and read_chunk >= {LAYER_ALIGN} B; got {read_depth}, "
                                  f"{read_chunk}")
         self.read_depth, self.read_chunk = read_depth, read_chunk
-        self._spans: dict[int, list[tuple[int, int]]] = {}  # a read group's chunk reads (the plan's, so fixed)
+        self._spans: dict[int, list[tuple[int, int]]] = {}  # a read group's chunk reads (the plan fixes them)
         # compute on the first CPUs, I/O threads on the others, when there are CPUs for both
         self.pin_threads = pin_threads
         if plan is None:
@@ -983,68 +983,30 @@ class ColdStartExecutor:
             else:
                 futures[g] = pools[channel].submit(do_load, g, channel)
 
-        # disk stream: the chunk reads of every issued group, in issue order, taken by `read_depth` workers
-        chunks: collections.deque[tuple[int, int, int]] = collections.deque()
-        more = threading.Condition(lock)
-        left: dict[int, int] = {}  # per group: chunks not yet read
-        first_start: dict[int, Any] = {}
-        finished = [False]
+        def finish(g: int, start: Any) -> dict[str, torch.Tensor]:
+            """Disk stream: group `g`'s last chunk is in; record its load and yield its tensors."""
+            marks = (start, clock.now())
+            with lock:
+                for i in members[g]:
+                    load_marks[i] = marks
+            return self.tier.tensors(*self._group_ranges(members, g))  # type: ignore[union-attr]
+
+        stream = _ChunkStream(self.tier, clock, finish) if streamed else None  # type: ignore[arg-type]
 
         def flush() -> None:
-            """Queue the chunks of the groups issued since the last flush (cut once per executor: the plan
-            fixes them) and wake the workers."""
-            if not backlog:
+            """Queue the chunks of the groups issued since the last flush, all at once (cut once per
+            executor: the plan fixes them)."""
+            if stream is None or not backlog:
                 return
-            assert isinstance(self.tier, DiskTier)
-            with more:
-                for g in backlog:
-                    if g not in self._spans:
-                        self._spans[g] = [(g, a, b) for a, b in
-                                          self.tier.spans(self._group_ranges(members, g), self.read_chunk)]
-                    left[g] = len(self._spans[g])
-                    chunks.extend(self._spans[g])
-                backlog.clear()
-                more.notify_all()
+            for g in backlog:
+                if g not in self._spans:
+                    self._spans[g] = self.tier.spans(self._group_ranges(members, g), self.read_chunk)  # type: ignore[union-attr]
+            stream.add([(g, futures[g], self._spans[g]) for g in backlog])
+            backlog.clear()
 
-        # one read in flight until compute has its first load: until then that load is the critical path, and
-        # a second read in flight would share the disk with it (ResNet-50's first compute: 1.4 ms, 2.3 without)
-        opened = threading.Event()
-
-        def worker(k: int) -> None:
-            """Read chunks in queue order until the run is over (all but the first once the stream opens)."""
-            assert isinstance(self.tier, DiskTier)
-            if k:
-                opened.wait()
-            while True:
-                try:
-                    g, a, b = chunks.popleft()
-                except IndexError:
-                    with more:
-                        while not chunks and not finished[0]:
-                            more.wait()
-                        if not chunks:
-                            return
-                    continue
-                start = clock.now()
-                first_start.setdefault(g, start)
-                try:
-                    self.tier.read_span(a, b)
-                except BaseException as exc:
-                    if not futures[g].done():
-                        futures[g].set_exception(exc)
-                    continue
-                with lock:
-                    left[g] -= 1
-                    if left[g] or futures[g].done():
-                        continue
-                    marks = (first_start[g], clock.now())
-                    for i in members[g]:
-                        load_marks[i] = marks
-                futures[g].set_result(self.tier.tensors(*self._group_ranges(members, g)))
-
-        if streamed:
+        if stream is not None:
             for k in range(self.read_depth):
-                pools[0].submit(worker, k)
+                pools[0].submit(stream.work, k)
 
         # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
         # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
@@ -1085,7 +1047,8 @@ class ColdStartExecutor:
                             close_compute()
                             before = clock.now()
                             got = futures[g].result()
-                            opened.set()
+                            if stream is not None:
+                                stream.open()
                             if isinstance(got, PendingLoad):  # the compute stream waits, the CPU goes on queueing
                                 torch.cuda.current_stream(self.tier.device).wait_event(got.done)  # type: ignore[union-attr]
                                 got = got.tensors
@@ -1134,10 +1097,8 @@ class ColdStartExecutor:
         finally:
             _pin_this_thread(affinity)
             sys.setswitchinterval(switch)
-            opened.set()
-            with more:  # the stream's workers leave once the queue is empty
-                finished[0] = True
-                more.notify_all()
+            if stream is not None:
+                stream.close()
             for pool in pools:
                 pool.shutdown(wait=True)
             env.clear()
@@ -1314,6 +1275,70 @@ class _GraphMarks:
             last = ce
             out.append(LayerTiming(layer.name, entry[1], entry[3], ls, le, cs, ce, 0.0))
         return tuple(out)
+
+
+class _ChunkStream:
+    """The disk tier's loads as one queue of chunk reads in issue order, taken by `depth` workers (see
+    READ_DEPTH); a group's future gets `finish(group, first chunk's start)` once its last chunk is in."""
+
+    def __init__(self, tier: DiskTier, clock: _Clock, finish: Callable[[int, Any], Any]) -> None:
+        self.tier, self.clock, self.finish = tier, clock, finish
+        self.chunks: collections.deque[tuple[int, int, int]] = collections.deque()  # (group, start, end)
+        self.more = threading.Condition()
+        self.futures: dict[int, Future[Any]] = {}
+        self.left: dict[int, int] = {}  # per group: chunks not yet read
+        self.first_start: dict[int, Any] = {}
+        self.finished = False
+        # one read in flight until compute has its first load: until then that load is the critical path,
+        # and a second read would share the disk with it (ResNet-50's first compute: 1.4 ms, 2.3 without)
+        self.opened = threading.Event()
+
+    def add(self, groups: Sequence[tuple[int, Future[Any], Sequence[tuple[int, int]]]]) -> None:
+        """Queue these groups' chunk reads (group, its future, its chunks) behind those queued already."""
+        with self.more:
+            for g, future, spans in groups:
+                self.futures[g], self.left[g] = future, len(spans)
+                self.chunks.extend((g, a, b) for a, b in spans)
+            self.more.notify_all()
+
+    def open(self) -> None:
+        """Compute has its first load: let every worker read."""
+        self.opened.set()
+
+    def close(self) -> None:
+        """The run is over: workers leave once the queue is empty."""
+        self.opened.set()
+        with self.more:
+            self.finished = True
+            self.more.notify_all()
+
+    def work(self, k: int) -> None:
+        """Worker `k`: read chunks in queue order until the run is over (all but the first once open)."""
+        if k:
+            self.opened.wait()
+        while True:
+            try:
+                g, a, b = self.chunks.popleft()
+            except IndexError:
+                with self.more:
+                    while not self.chunks and not self.finished:
+                        self.more.wait()
+                    if not self.chunks:
+                        return
+                continue
+            self.first_start.setdefault(g, self.clock.now())
+            future = self.futures[g]
+            try:
+                self.tier.read_span(a, b)
+            except BaseException as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            with self.more:
+                self.left[g] -= 1
+                if self.left[g] or future.done():
+                    continue
+            future.set_result(self.finish(g, self.first_start[g]))
 
 
 class _Clock:
