@@ -285,7 +285,7 @@ def report(results: list[dict[str, Any]]) -> str:
            "", common.markdown_table(["model", *STRATEGIES], read_rows), "",
            "Measured profile facts the planner used: " + "; ".join(
                f"{r['model']}: {r['read_overhead_ms']:.3f} ms per read, compute {r['overlap_slowdown']:.2f}x slower "
-               f"while loads stream in, loads {r.get('read_slowdown', 1.0):.2f}x slower while compute runs"
+               f"while loads stream in, loads {r['read_slowdown']:.2f}x slower while compute runs"
                for r in results), ""]
     graphed = [r for r in results if r.get("cuda_graphs")]
     if graphed:
