@@ -445,3 +445,31 @@ def test_direct_host_access_wraps_registered_memory_without_copying() -> None:
         register_mapped(host, FakeCudart(712))
     with pytest.raises(ColdStartError, match="contiguous"):
         cuda_array_interface(host.t())
+
+
+def test_compiled_operator_runs_compute_what_the_graph_does() -> None:
+    """The walk's straight runs of operators, compiled into one function each: nested arguments (lists, tuples,
+    slices, keyword arguments, constants) reach every operator as the graph holds them, and the results
+    equal the traced module's."""
+
+    def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([x, y * 2.0], dim=1)
+        parts = torch.split(z, [3, 5], dim=1)
+        w = torch.nn.functional.pad(parts[1][:, 1:4], (1, 2), value=0.5)
+        return torch.clamp(torch.stack((torch.sum(w, dim=1, keepdim=True), parts[0][:, :1]), dim=0), min=-1.0, max=3.0)
+
+    gm = torch.fx.symbolic_trace(f)
+    nodes = list(gm.graph.nodes)
+    assert all(n.op in ("placeholder", "call_function", "output") for n in nodes)  # as in an exported program
+    steps = [(n, 0 if n.op == "call_function" else None) for n in nodes]
+    compiled = cold_start._compile_runs(steps, singles=())
+    runs = [run for _, _, run in compiled if run is not None]
+    assert len(runs) == 1 and len(compiled) == 4  # placeholders x, y; one run of every operator; the output
+    x, y = torch.randn(2, 3), torch.randn(2, 5)
+    env = {nodes[0]: x, nodes[1]: y}
+    runs[0](env)
+    assert torch.equal(env[nodes[-1].args[0]], gm(x, y))
+    # an operator in `singles` (an embedding lookup on the disk tier) stays a step of its own, splitting the run
+    lone = next(n for n in nodes if n.op == "call_function" and n.target is torch.split)
+    split = cold_start._compile_runs(steps, singles={lone})
+    assert [run is None for n, _, run in split if n.op == "call_function"] == [False, True, False]
