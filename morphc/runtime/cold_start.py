@@ -828,7 +828,6 @@ class ColdStartExecutor:
             raise ColdStartError(f"read_depth must be >= 1 and read_chunk >= {LAYER_ALIGN} B; got {read_depth}, "
                                  f"{read_chunk}")
         self.read_depth, self.read_chunk = read_depth, read_chunk
-        self._spans: dict[int, list[tuple[int, int]]] = {}  # a read group's chunk reads (the plan fixes them)
         # compute on the first CPUs, I/O threads on the others, when there are CPUs for both
         self.pin_threads = pin_threads
         if plan is None:
@@ -841,6 +840,8 @@ class ColdStartExecutor:
         if [layer.name for layer in self.layers] != [e[0] for e in plan.layers]:
             raise ColdStartError("the program's layers no longer match its load plan (was it changed after "
                                  "insert-load-schedule?); schedule it again")
+        self._groups = plan.groups()  # per layer: its read group (-1: direct access)
+        self._members = group_members(self._groups)
         missing = [layer.name for layer in self.layers if layer.name not in self.weights.by_name]
         if missing:
             raise ColdStartError(f"weights file '{self.weights.path}' has no layer(s) {missing[:3]}: write it from "
@@ -859,6 +860,8 @@ class ColdStartExecutor:
             # through the page cache, BERT-base 134 against 152 ms). Into 4 KB pages it streamed slower
             # than the page cache, which is why on-demand once kept the page cache
             self.tier = DiskTier(self.weights, sparse, direct_io=direct_io)
+            # each read group's chunk reads for the disk stream, cut once: the plan fixes them
+            self._spans = {g: self.tier.spans(self._group_ranges(g), read_chunk) for g in self._members if g >= 0}
         else:
             raise ColdStartError(f"unknown device {device!r}; valid: 'cpu' (disk tier) or 'cuda[:N]' (host tier)")
         self.device = device
@@ -884,9 +887,9 @@ class ColdStartExecutor:
                             for n in program.graph.nodes]
         self._steps = _compile_runs(self._node_steps, set(self._lookups))
 
-    def _group_ranges(self, members: dict[int, list[int]], group: int) -> list[LayerRange]:
+    def _group_ranges(self, group: int) -> list[LayerRange]:
         """The file ranges of read group `group`'s layers."""
-        return [self.weights.by_name[self.layers.layers[i].name] for i in members[group]]
+        return [self.weights.by_name[self.layers.layers[i].name] for i in self._members[group]]
 
     def _attr_value(self, attr: str) -> torch.Tensor | None:
         """What a get_attr yields in the walk: a direct-access weight where it lies, None for a loaded one (its
@@ -951,17 +954,16 @@ class ColdStartExecutor:
         rb0 = read_bytes()
         wall0 = time.perf_counter()
         clock: _Clock = _CudaClock() if gpu else _Clock()
-        groups = plan.groups()
-        members = group_members(groups)
+        groups, members = self._groups, self._members
 
         def do_load(group: int, channel: int) -> dict[str, torch.Tensor] | PendingLoad:  # on the I/O thread
             if isinstance(self.tier, HostTier):  # queued: the copy stream's events time it
-                pending = self.tier.load(*self._group_ranges(members, group), channel=channel)
+                pending = self.tier.load(*self._group_ranges(group), channel=channel)
                 marks = (pending.started, pending.done)
                 out: dict[str, torch.Tensor] | PendingLoad = pending
             else:
                 start = clock.now()
-                out = self.tier.load(*self._group_ranges(members, group))
+                out = self.tier.load(*self._group_ranges(group))
                 marks = (start, clock.now())
             with lock:
                 for i in members[group]:
@@ -977,7 +979,7 @@ class ColdStartExecutor:
                 return
             if resident:
                 futures[g] = Future()
-                futures[g].set_result(self.tier.resident(*self._group_ranges(members, g)))  # type: ignore[union-attr]
+                futures[g].set_result(self.tier.resident(*self._group_ranges(g)))  # type: ignore[union-attr]
                 return
             channel = plan.layers[g][3]
             if streamed:
@@ -992,18 +994,14 @@ class ColdStartExecutor:
             with lock:
                 for i in members[g]:
                     load_marks[i] = marks
-            return self.tier.tensors(*self._group_ranges(members, g))  # type: ignore[union-attr]
+            return self.tier.tensors(*self._group_ranges(g))  # type: ignore[union-attr]
 
         stream = _ChunkStream(self.tier, clock, finish) if streamed else None  # type: ignore[arg-type]
 
         def flush() -> None:
-            """Queue the chunks of the groups issued since the last flush, all at once (cut once per
-            executor: the plan fixes them)."""
+            """Queue the chunks of the groups issued since the last flush, all at once."""
             if stream is None or not backlog:
                 return
-            for g in backlog:
-                if g not in self._spans:
-                    self._spans[g] = self.tier.spans(self._group_ranges(members, g), self.read_chunk)  # type: ignore[union-attr]
             stream.add([(g, futures[g], self._spans[g]) for g in backlog])
             backlog.clear()
 
@@ -1190,8 +1188,7 @@ class ColdStartExecutor:
         tier = self.tier
         assert isinstance(tier, HostTier)
         plan = self.plan
-        groups = plan.groups()
-        members = group_members(groups)
+        groups, members = self._groups, self._members
         compute = torch.cuda.current_stream(tier.device)
         pending: dict[int, PendingLoad | dict[str, torch.Tensor]] = {}
         forked: set[int] = set()  # channels whose copy stream joined the capture
@@ -1201,7 +1198,7 @@ class ColdStartExecutor:
         def issue(g: int) -> None:
             if g in pending:
                 return
-            layers = self._group_ranges(members, g)
+            layers = self._group_ranges(g)
             if cold:
                 forked.add(plan.layers[g][3])
                 load = tier.load(*layers, channel=plan.layers[g][3], after=compute, timed=marks is not None)
@@ -1395,21 +1392,23 @@ Step = tuple[fx.Node, "int | None", "Callable[[dict[fx.Node, Any]], None] | None
 
 def _compile_runs(steps: Sequence[tuple[fx.Node, int | None]], singles: Collection[fx.Node]) -> list[Step]:
     """The walk's steps, with every run of two or more operators of one segment (no schedule node, none in
-    `singles`) made one generated function over the walk's environment: per node, interpreting (two
-    `map_arg`s, the dispatch on the node's kind, a timing mark) cost BERT-base's 522 nodes ~5 ms of its ~80 ms
-    of compute; a run's marks are taken once, after its last operator. The first node of a run stands for it."""
+    `singles`) made one generated function over the walk's environment, its marks taken once after its last
+    operator: interpreting each node (two `map_arg`s, the dispatch on its kind, a timing mark) cost BERT-base's
+    compute 1.2-1.6 ms of ~86 ms. The first node of a run stands for it."""
+
+    def compilable(n: fx.Node) -> bool:
+        return n.op == "call_function" and not is_schedule_node(n) and n not in singles
+
     out: list[Step] = []
     i = 0
     while i < len(steps):
         node, seg = steps[i]
-        j = i
-        if node.op == "call_function" and not is_schedule_node(node) and node not in singles:
-            while (j + 1 < len(steps) and steps[j + 1][0].op == "call_function" and steps[j + 1][1] == seg
-                   and not is_schedule_node(steps[j + 1][0]) and steps[j + 1][0] not in singles):
+        j = i + 1
+        if compilable(node):
+            while j < len(steps) and steps[j][1] == seg and compilable(steps[j][0]):
                 j += 1
-        run = _run_function([n for n, _ in steps[i:j + 1]]) if j > i else None
-        out.append((node, seg, run))
-        i = j + 1
+        out.append((node, seg, _run_function([n for n, _ in steps[i:j]]) if j - i > 1 else None))
+        i = j
     return out
 
 
