@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 import morphc
+from morphc import zoo
 from morphc.runtime import compile_program
 
 BASE = "fold-batchnorm,cse,dce"
@@ -81,17 +82,6 @@ def make_models(n: int) -> list[nn.Module]:
     return models
 
 
-class SeparateInputs(nn.Module):
-    """N models, model i on input i: one task with N inputs."""
-
-    def __init__(self, models: list[nn.Module]) -> None:
-        super().__init__()
-        self.models = nn.ModuleList(models)
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(m(x) for m, x in zip(self.models, xs))
-
-
 def keep_freed_memory() -> None:
     """glibc mallopt: no mmap for allocations below 1 GB and no trimming, so activations reuse heap pages."""
     libc = ctypes.CDLL("libc.so.6")
@@ -117,7 +107,7 @@ def bench(scenario: str, n: int, batch: int, budget_s: float, threads: int) -> d
             return [m(inputs[0]) for m in models]
     else:
         inputs = tuple(torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n))
-        program = morphc.lower({"models": SeparateInputs(models).eval()}, inputs)
+        program = morphc.lower({"models": zoo.SeparateInputs(models).eval()}, inputs)
 
         def eager() -> list[torch.Tensor]:
             return [m(x) for m, x in zip(models, inputs)]

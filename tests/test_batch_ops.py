@@ -15,6 +15,7 @@ from strategies import build_models, make_input, multi_task_specs
 from torch import nn
 
 import morphc
+from morphc import zoo
 from morphc.errors import PassOptionError, PipelineSyntaxError
 from morphc.passes import PassContext, PassManager
 from morphc.passes.batch_ops import BatchOps
@@ -168,20 +169,9 @@ def test_views_of_slices_and_outputs_stay_valid(batch: int) -> None:
         value.view(-1)  # contiguous, like the model's own outputs
 
 
-class SeparateInputs(nn.Module):
-    """N models, each on its own input: one task with N inputs (NetFuse's setting)."""
-
-    def __init__(self, models: list[nn.Module]) -> None:
-        super().__init__()
-        self.models = nn.ModuleList(models)
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(m(x) for m, x in zip(self.models, xs))
-
-
 def test_separate_inputs_become_grouped_convolutions() -> None:
     models = list(fine_tuned_cnns(3, seed=5).values())
-    wrapper = SeparateInputs(models).eval()
+    wrapper = zoo.SeparateInputs(models).eval()
     xs = tuple(torch.randn(2, 3, 8, 8) for _ in models)
     program = morphc.lower({"all": wrapper}, xs)
     result = PassManager("fold-batchnorm,batch-ops").run(program, _ctx())
@@ -198,7 +188,7 @@ def test_separate_input_linears_only_when_asked() -> None:
     torch.manual_seed(4)
     mlps = [nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).eval() for _ in range(3)]
     xs = tuple(torch.randn(4, 6) for _ in mlps)
-    program = morphc.lower({"mlps": SeparateInputs(mlps).eval()}, xs)
+    program = morphc.lower({"mlps": zoo.SeparateInputs(mlps).eval()}, xs)
     default = PassManager("batch-ops").run(program, _ctx())
     assert count_ops(default, "linear") == 6  # default: separate inputs only for convs
     batched = PassManager("batch-ops{separate-inputs=all}").run(program, _ctx())

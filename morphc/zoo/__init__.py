@@ -19,7 +19,7 @@ The zoo imports nothing else from morphc, so it can be used to test any part of 
 from __future__ import annotations
 
 from . import cnn, hf, pretrained  # noqa: F401  (importing registers the entries)
-from .cnn import twin_tasks
+from .cnn import SeparateInputs, twin_tasks
 from .mobilenet import MobileNetV2
 from .pretrained import (
     IMAGENET_MEAN,
@@ -39,6 +39,7 @@ __all__ = [
     "IMAGENET_STD",
     "MobileNetV2",
     "SentenceEmbedding",
+    "SeparateInputs",
     "ZooEntry",
     "ZooModel",
     "build",

@@ -216,6 +216,17 @@ class TwinTaskModel(nn.Module):
         return self.head(self.prefix(x))
 
 
+class SeparateInputs(nn.Module):
+    """N models, model i on input i: one task with N inputs (NetFuse's setting for operator batching)."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m, x in zip(self.models, xs))
+
+
 def twin_tasks(
     *, batch_size: int = 1, seed: int = 0, image_size: int = 32
 ) -> tuple[dict[str, nn.Module], tuple[torch.Tensor, ...]]:
