@@ -201,10 +201,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
     program = load_source(args.source, args.batch_size)
-    configs = [spaces.parse_config(c) for c in (args.config or ["threads=1"])]
+    configs = [spaces.parse_config(c, model.device_kind) for c in (args.config or ["threads=1"])]
     preds = model.predict_many([(program, c) for c in configs])
     for c, p in zip(configs, preds):
         print(f"{c}: {p * 1e3:.4f} ms")
+    return 0
+
+
+def cmd_serve_cost_model(args: argparse.Namespace) -> int:
+    """Serve predictions until interrupted."""
+    from morphc.predictors import cost_model
+    from morphc.predictors.service import make_server
+
+    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    server = make_server(model, args.host, args.port)
+    host, port = server.server_address[:2]
+    console.print(f"serving {model.device_kind} latency predictions on http://{host}:{port} "
+                  "(GET /v1/model, POST /v1/predict); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -342,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--checkpoint", help="cost-model checkpoint (default: the one shipped with morphc)")
     pd.add_argument("--batch-size", type=int, default=1)
     pd.set_defaults(func=cmd_predict)
+
+    sv = sub.add_parser("serve-cost-model", help="answer latency predictions over HTTP (GET /v1/model, "
+                                                 "POST /v1/predict; see morphc.predictors.service)")
+    sv.add_argument("--checkpoint", help="cost-model checkpoint (default: the one shipped with morphc)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8765)
+    sv.set_defaults(func=cmd_serve_cost_model)
 
     fu = sub.add_parser("fuse", help="fuse task models into one multi-task model within an accuracy bound")
     fu.add_argument("source", help="file.py:factory returning (models, example_inputs, FusionData[, train inputs])")
