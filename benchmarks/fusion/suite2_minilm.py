@@ -31,8 +31,6 @@ from typing import Any
 
 import torch
 
-import morphc
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -124,26 +122,13 @@ def main() -> None:
     train_emb = tc.predict(models["embed"], prep["train_x"])
     knn = {"original": tc.knn_accuracy(reference["embed"], prep["test"].labels[:n_eval], train_emb,
                                        prep["train"].labels)}
-    search: dict[str, Any] = {"ran": False}
-    fused = after = fusion_report = None
-    if args.prepare_only:
-        search["why_not"] = "--prepare-only"
-    elif not tc.fusion_available():
-        search["why_not"] = "the fuse-models pass is not registered in this checkout"
-    else:
-        state = tc.CACHE_DIR / f"{args.out}-search.sqlite"
-        options = tc.fusion_options(args, state)
-        fused, stats, wall, fusion_report = tc.fuse(program, data, options)
-        report_md = fusion_report.write(common.RESULTS / f"{args.out}_search")
-        morphc.save(fused, tc.CACHE_DIR / f"{args.out}-fused.safetensors")  # to re-time without searching again
-        outputs = tc.program_outputs(fused, data.batches("eval"))
-        after = tc.score_tasks(outputs, reference, data)
-        knn["fused"] = tc.knn_accuracy(outputs["embed"], prep["test"].labels[:n_eval], train_emb,
+    searched = tc.search(program, data, args)
+    fused, fusion_report, after = searched.fused, searched.report, None
+    if searched.outputs is not None:
+        after = tc.score_tasks(searched.outputs, reference, data)
+        knn["fused"] = tc.knn_accuracy(searched.outputs["embed"], prep["test"].labels[:n_eval], train_emb,
                                        prep["train"].labels)
-        search = {"ran": True, "options": {k: str(v) for k, v in options.items()}, "wall_seconds": wall,
-                  "statistics": stats, "report": str(report_md.relative_to(common.RESULTS)),
-                  "candidates": fusion_report.to_json()}
-        print(f"fusion: {wall:.0f} s, before {before}, after {after}")
+        print(f"fusion: {searched.record['wall_seconds']:.0f} s, before {before}, after {after}")
     test_ids, test_mask = prep["test_x"]
     inputs_by_batch = {b: (test_ids[:b], test_mask[:b]) for b in (1, 8)}
     latency = [row for target in args.targets
@@ -151,7 +136,7 @@ def main() -> None:
                                                args.latency_budget)]
     results = {"tasks": METRICS, "original": before, "fused": after, "knn5_topic_accuracy_of_embeddings": knn,
                "program_vs_models_max_err": lower_err, "finetune": prep["finetune"],
-               "encoder_max_weight_change": prep["encoder_max_weight_change"], "search": search,
+               "encoder_max_weight_change": prep["encoder_max_weight_change"], "search": searched.record,
                "latency": latency, "eval_examples": n_eval, "calibration_examples": args.calibration,
                "cache_mb": tc.cache_size_mb()}
     path = common.write_results(args.out, title="Fusion suite 2: MiniLM sentence embeddings + BBC topic classifier",

@@ -34,8 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import morphc
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -132,23 +130,11 @@ def main() -> None:
     print(f"prepared in {time.perf_counter() - start:.0f} s; N-task Program vs models: max |err| {lower_err:.2e}")
     reference = tc.program_outputs(program, data.batches("eval"))
     before = tc.score_tasks(reference, reference, data)
-    search: dict[str, Any] = {"ran": False}
-    fused = after = fusion_report = None
-    if args.prepare_only:
-        search["why_not"] = "--prepare-only"
-    elif not tc.fusion_available():
-        search["why_not"] = "the fuse-models pass is not registered in this checkout"
-    else:
-        state = tc.CACHE_DIR / f"{args.out}-search.sqlite"
-        options = tc.fusion_options(args, state)
-        fused, stats, wall, fusion_report = tc.fuse(program, data, options)
-        report_md = fusion_report.write(common.RESULTS / f"{args.out}_search")
-        morphc.save(fused, tc.CACHE_DIR / f"{args.out}-fused.safetensors")  # to re-time without searching again
-        after = tc.score_tasks(tc.program_outputs(fused, data.batches("eval")), reference, data)
-        search = {"ran": True, "options": {k: str(v) for k, v in options.items()}, "wall_seconds": wall,
-                  "statistics": stats, "report": str(report_md.relative_to(common.RESULTS)),
-                  "candidates": fusion_report.to_json()}
-        print(f"fusion: {wall:.0f} s, before {before}, after {after}")
+    searched = tc.search(program, data, args)
+    fused, fusion_report, after = searched.fused, searched.report, None
+    if searched.outputs is not None:
+        after = tc.score_tasks(searched.outputs, reference, data)
+        print(f"fusion: {searched.record['wall_seconds']:.0f} s, before {before}, after {after}")
     test_x = to_model_input(prep["test"].images[:8], args.size)
     inputs_by_batch = {b: (test_x[:b],) for b in (1, 8)}
     latency = [row for target in args.targets
@@ -156,7 +142,7 @@ def main() -> None:
                                                args.latency_budget)]
     results = {"tasks": METRICS, "original": before, "fused": after, "program_vs_models_max_err": lower_err,
                "finetune": prep["finetune"], "body_max_weight_change": prep["body_max_weight_change"],
-               "search": search, "latency": latency, "eval_examples": len(data.tasks[TASKS[0]].labels),
+               "search": searched.record, "latency": latency, "eval_examples": len(data.tasks[TASKS[0]].labels),
                "calibration_examples": args.calibration, "cache_mb": tc.cache_size_mb()}
     path = common.write_results(args.out, title="Fusion suite 3: three tasks fine-tuned from ImageNet MobileNetV2",
                                 results=results, body_md=report(results, args), settings={

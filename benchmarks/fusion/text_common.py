@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,13 +250,6 @@ def time_variants(variants: Mapping[str, Callable[[], Any]], budget_s: float) ->
 
 # ---------------------------------------------------------------------------------------------- the suite driver
 
-def fusion_available() -> bool:
-    """Whether the fuse-models pass is registered (it is written alongside these suites)."""
-    import morphc.passes as passes
-
-    return "fuse-models" in passes.registered_passes()
-
-
 def fuse(program: Any, data: Any, options: Mapping[str, Any]) -> tuple[Any, dict[str, Any], float, Any]:
     """Run `fuse-models{options}` on `program`: (fused Program, statistics, wall seconds, FusionReport)."""
     import morphc
@@ -266,6 +260,36 @@ def fuse(program: Any, data: Any, options: Mapping[str, Any]) -> tuple[Any, dict
     start = time.perf_counter()
     result = fuse_pass.run(program.clone(), ctx)
     return result.program, dict(result.statistics), time.perf_counter() - start, ctx.options["fusion_report"]
+
+
+@dataclass
+class Searched:
+    """What suites 2 and 3 keep of their fusion search: its record for the results file, and the fused
+    Program with its report and its outputs on the eval batches (None when the search did not run)."""
+
+    record: dict[str, Any]
+    fused: Any = None
+    report: Any = None
+    outputs: dict[str, torch.Tensor] | None = None
+
+
+def search(program: Any, data: Any, args: Any) -> Searched:
+    """The suites' fusion step: search (resumable from its state in the cache), write the search report,
+    save the fused Program (to re-time it without searching again) and run it on the eval batches."""
+    import common
+
+    import morphc
+
+    if args.prepare_only:
+        return Searched({"ran": False, "why_not": "--prepare-only"})
+    options = fusion_options(args, CACHE_DIR / f"{args.out}-search.sqlite")
+    fused, stats, wall, report = fuse(program, data, options)
+    report_md = report.write(common.RESULTS / f"{args.out}_search")
+    morphc.save(fused, CACHE_DIR / f"{args.out}-fused.safetensors")
+    record = {"ran": True, "options": {k: str(v) for k, v in options.items()}, "wall_seconds": wall,
+              "statistics": stats, "report": str(report_md.relative_to(common.RESULTS)),
+              "candidates": report.to_json()}
+    return Searched(record, fused, report, program_outputs(fused, data.batches("eval")))
 
 
 def at_batch(report: Any, original_at_batch: Any) -> Any:
