@@ -97,89 +97,6 @@ class PoolCNN(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-CELL_OPS = ("skip", "conv1x1", "conv3x3", "sepconv3x3", "maxpool3x3", "avgpool3x3")
-
-
-def _cell_op(name: str, c: int) -> nn.Module:
-    """One edge of a cell: NAS-Bench-201's ReLU-conv-BN ordering, DARTS's separable conv and pools."""
-    if name == "skip":
-        return nn.Identity()
-    if name == "maxpool3x3":
-        return nn.MaxPool2d(3, 1, 1)
-    if name == "avgpool3x3":
-        return nn.AvgPool2d(3, 1, 1, count_include_pad=False)
-    if name == "sepconv3x3":
-        return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
-                             nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
-    k = 3 if name == "conv3x3" else 1
-    return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c))
-
-
-class RandomCell(nn.Module):
-    """A cell of `nodes` intermediate nodes, each the sum of ops on a random non-empty subset of the
-    earlier nodes (NAS-Bench-201); the output is the last node ("sum") or the concatenation of all
-    intermediate nodes projected back by a 1x1 conv (DARTS, "concat")."""
-
-    def __init__(self, c: int, nodes: int, combine: str, rng: random.Random) -> None:
-        super().__init__()
-        self.combine = combine
-        self.edges = nn.ModuleList()
-        self.sources: list[list[int]] = []
-        for j in range(1, nodes + 1):
-            sources = sorted(rng.sample(range(j), rng.randint(1, min(j, 2))))
-            self.sources.append(sources)
-            self.edges.append(nn.ModuleList(_cell_op(rng.choice(CELL_OPS), c) for _ in sources))
-        self.project = (nn.Sequential(nn.Conv2d(nodes * c, c, 1, bias=False), nn.BatchNorm2d(c))
-                        if combine == "concat" else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        states = [x]
-        for sources, ops in zip(self.sources, self.edges):
-            out = ops[0](states[sources[0]])
-            for i, op in zip(sources[1:], ops[1:]):
-                out = out + op(states[i])
-            states.append(out)
-        if self.project is None:
-            return states[-1]
-        return self.project(torch.cat(states[1:], dim=1))
-
-
-class RandomCellCNN(nn.Module):
-    """A stem, three stages of `cells` random cells with a stride-2 residual reduction between stages,
-    and a pooled linear head: random architectures from a standard NAS space, so training sees
-    operators in mixed orders and branchings that no hand-written family has."""
-
-    def __init__(self, arch_seed: int, width: int, cells: int, nodes: int, combine: str) -> None:
-        super().__init__()
-        rng = random.Random(arch_seed)
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)]
-        c = width
-        for stage in range(3):
-            if stage:
-                layers.append(_Reduction(c, 2 * c))
-                c *= 2
-            layers += [RandomCell(c, nodes, combine, rng) for _ in range(cells)]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
-
-
-class _Reduction(nn.Module):
-    """NAS-Bench-201's reduction: a stride-2 basic residual block with an avg-pool + 1x1 conv shortcut."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(cin, cout, 1, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.shortcut(x)
-
-
 def _image(batch: int, size: int) -> tuple[torch.Tensor, ...]:
     return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),)
 
@@ -215,10 +132,6 @@ def _variants() -> list[Variant]:
         add("vgg", s, lambda b, s=s: (PlainCNN(s["depth"], s["width"], s["kernel"]).eval(), _image(b, s["image"])))
     for s in _sample({"depth": (2, 3, 4), "width": (8, 16, 32), "pool": tuple(POOLS), "image": (32, 48)}, 10, 19):
         add("poolcnn", s, lambda b, s=s: (PoolCNN(s["depth"], s["width"], s["pool"]).eval(), _image(b, s["image"])))
-    for s in _sample({"arch": tuple(range(100)), "width": (8, 16, 32), "cells": (1, 2), "nodes": (3, 4),
-                      "combine": ("sum", "concat"), "image": (32, 48)}, 30, 20):
-        add("randcell", s, lambda b, s=s: (RandomCellCNN(s["arch"], s["width"], s["cells"], s["nodes"],
-                                                         s["combine"]).eval(), _image(b, s["image"])))
     for s in _sample({"width": (8, 16, 24, 32), "image_size": (32, 48, 64)}, 8, 3):
         add("resblock", s, lambda b, s=s: _zoo("resnet_block_cnn", b, **s))
     for s in _sample({"width": (8, 16, 32), "image_size": (32, 48)}, 6, 4):
