@@ -91,6 +91,8 @@ def test_a_zoo_model_by_name(url: str, model: cost_model.CostModel) -> None:
     ({"program": base64.b64encode(b"garbage").decode()}, 400, "safetensors"),
     ({"zoo": "tiny_mlp", "path": "/etc/passwd"}, 400, "path"),
     ([1, 2], 400, "JSON object"),
+    ({"zoo": "tiny_mlp", "configs": "threads=1"}, 400, "must be a list"),
+    ({"program": "AAAA", "batch_size": 2}, 400, "'batch' knob"),
 ])
 def test_bad_requests_are_refused_with_the_reason(url: str, request_body: Any, status: int, names: str) -> None:
     got, body = _call(url, "/v1/predict", request_body)

@@ -58,7 +58,10 @@ class PredictionService:
         unknown = set(request) - {"program", "zoo", "batch_size", "configs"}
         if unknown:
             raise RequestError(f"unknown request field(s) {sorted(unknown)}; valid: batch_size, configs, program, zoo")
-        configs = [self._config(c) for c in request.get("configs") or ["threads=1"]]
+        specs = request.get("configs") or ["threads=1"]
+        if not isinstance(specs, list):
+            raise RequestError(f"'configs' must be a list of configs, got {type(specs).__name__} {specs!r}")
+        configs = [self._config(c) for c in specs]
         program = self._program(request)
         with self._lock:
             latencies = self.model.predict_many([(program, c) for c in configs])
@@ -78,6 +81,9 @@ class PredictionService:
                                "(a zoo model name)")
         if "zoo" in request:
             return self._zoo_program(request["zoo"], request.get("batch_size", 1))
+        if "batch_size" in request:
+            raise RequestError("'batch_size' applies to 'zoo' models only: a saved program has its batch; ask for "
+                               "another with a config's 'batch' knob")
         try:
             data = base64.b64decode(request["program"], validate=True)
         except (binascii.Error, TypeError, ValueError) as exc:
