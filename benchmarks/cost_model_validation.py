@@ -7,9 +7,11 @@ turn, one network is trained per (validation split, seed) on the rest, and each 
 MAPE is reported for the baseline and the candidate side by side. One seed's result moves by 2-3
 points on these splits, so a candidate is adopted only if it wins by more than the spread between seeds.
 
-The candidate here is extra training data: `--extra-db`, another records database (e.g. one new
-corpus family, collected with `scripts/collect_cost_model_data.py --family F`), whose samples are added
-to every training set and never tested. `--with-b` also reports split (b), for information only.
+A candidate is extra training data, other training options, or both: `--extra-db`, another records
+database (e.g. one new corpus family, collected with `scripts/collect_cost_model_data.py --family F`),
+whose samples are added to every training set and never tested; `--option KEY=VALUE` (repeatable), a
+keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`, `hidden=96`,
+`op_dropout=0.1`). `--with-b` also reports split (b), for information only.
 
     python benchmarks/cost_model_validation.py --extra-db benchmarks/results/cost_model_randcell.sqlite \\
         --seeds 0,1,2,3 --with-b --out cost_model_validation_randcell
@@ -38,6 +40,8 @@ def main() -> int:
     parser.add_argument("--db", default=str(RESULTS / "cost_model.sqlite"))
     parser.add_argument("--extra-db", default=None,
                         help="records database whose samples are added to every training set (the candidate)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a cost_model.train keyword for the candidate's training (repeatable)")
     parser.add_argument("--split", action="append", default=None,
                         help=f"comma-separated training families held out together (repeatable; default "
                              f"{' and '.join(DEFAULT_SPLITS)})")
@@ -65,8 +69,11 @@ def main() -> int:
     if overlap := {s.family for s in extra} & ({s.family for s in samples}):
         parser.error(f"--extra-db holds families already in --db ({', '.join(sorted(overlap))}): the candidate "
                      "must be new training data")
+    options = _train_options(parser, args.option)
+    if not extra and not options:
+        parser.error("nothing to compare: give a candidate with --extra-db and/or --option KEY=VALUE")
     seeds = [int(x) for x in args.seeds.split(",")]
-    arms = {"baseline": []} | ({"candidate": extra} if extra else {})
+    arms = {"baseline": ([], {}), "candidate": (extra, options)}
     cases = [(spec, [s for s in train_s if s.family not in spec.split(",")],
               [s for s in train_s if s.family in spec.split(",")]) for spec in splits]
     if args.with_b:
@@ -77,9 +84,9 @@ def main() -> int:
     for spec, fit, val in cases:
         true = np.asarray([s.latency_ms for s in val])
         for seed in seeds:
-            for arm, added in arms.items():
+            for arm, (added, train_options) in arms.items():
                 items = [TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in fit + added]
-                model, _ = train(items, steps=args.steps, seed=seed, show_progress=False)
+                model, _ = train(items, steps=args.steps, seed=seed, show_progress=False, **train_options)
                 pred = model.predict_queries([make_query(s.graph, s.config) for s in val])[0]
                 per_family = {f: metrics(pred[i], true[i])["mape_pct"] for f in sorted({s.family for s in val})
                               if (i := [k for k, s in enumerate(val) if s.family == f])}
@@ -91,12 +98,38 @@ def main() -> int:
     results = {"samples": len(samples), "extra_samples": len(extra),
                "extra_families": sorted({s.family for s in extra}), "seeds": seeds, "runs": runs}
     body = _report(runs, list(arms), seeds)
-    settings = {"db": args.db, "extra_db": args.extra_db, "steps": args.steps, "members": 1}
+    settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options, "steps": args.steps,
+                "members": 1}
     path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
                          results=results, body_md=body, settings=settings, load_at_start=load_start)
     print(body)
     print(f"wrote {path}")
     return 0
+
+
+# train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
+TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss")
+
+
+def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, float | int]:
+    """`["node_loss=0.5", "hidden=96"]` -> {"node_loss": 0.5, "hidden": 96}, refusing what train() cannot take."""
+    import inspect
+
+    from morphc.predictors.cost_model import train
+
+    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
+    options: dict[str, float | int] = {}
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        if not sep or key not in defaults:
+            parser.error(f"--option {spec}: expected KEY=VALUE with KEY one of {', '.join(TUNABLE)}")
+        kind = type(defaults[key])
+        try:
+            options[key] = kind(raw)
+        except ValueError:
+            parser.error(f"--option {spec}: {key} takes {'an integer' if kind is int else 'a number'} "
+                         f"(default {defaults[key]})")
+    return options
 
 
 def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
