@@ -114,3 +114,20 @@ def test_bad_paths_and_bodies(url: str) -> None:
     response = conn.getresponse()
     assert response.status == 413 and "limit" in json.loads(response.read())["error"]
     conn.close()
+
+
+def test_an_internal_fault_is_a_500_not_a_dropped_connection(model: cost_model.CostModel,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    server = make_server(model, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("simulated fault")
+
+        monkeypatch.setattr(model, "predict_many", broken)
+        status, body = _call(f"http://127.0.0.1:{server.server_address[1]}", "/v1/predict", {"zoo": "tiny_mlp"})
+        assert status == 500 and "simulated fault" in body["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -137,6 +137,9 @@ def make_server(model: CostModel, host: str = "127.0.0.1", port: int = 8765, *,
                 self._reply(HTTPStatus.OK, service.predict(request))
             except MorphcError as exc:  # bad config, unreadable program, wrong device kind: the caller's to fix
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc), "type": type(exc).__name__})
+            except Exception as exc:  # a fault of ours: say so rather than drop the connection
+                self._reply(HTTPStatus.INTERNAL_SERVER_ERROR,
+                            {"error": f"internal error: {type(exc).__name__}: {exc}", "type": type(exc).__name__})
 
         def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
