@@ -43,7 +43,9 @@ from morphc.passes.load_schedule import plan_markdown, predict_plan
 from morphc.predictors.layer_profile import profile_layers
 from morphc.predictors.records import RecordsDB
 from morphc.predictors.timing_lock import DEFAULT_TIMING_LOCK, timing_lock
-from morphc.runtime.cold_start import ColdStartExecutor, HostTier, Timeline, WeightsFile, file_order, write_weights
+from morphc.runtime.cold_start import ColdStartExecutor, Timeline
+from morphc.runtime.memory_tiers import HostTier
+from morphc.runtime.weights_file import WeightsFile, file_order, write_weights
 
 STRATEGIES = ("on-demand", "pipeline", "direct", "plan")
 MODELS: dict[str, dict[str, Any]] = {

@@ -270,7 +270,8 @@ def cmd_cold_start(args: argparse.Namespace) -> int:
     from morphc.passes.load_schedule import export_plan
     from morphc.predictors.layer_profile import profile_layers
     from morphc.predictors.records import RecordsDB
-    from morphc.runtime.cold_start import ColdStartExecutor, write_weights
+    from morphc.runtime.cold_start import ColdStartExecutor
+    from morphc.runtime.weights_file import write_weights
 
     program = load_source(args.source, args.batch_size)
     db = RecordsDB(args.db) if args.db else None

@@ -19,21 +19,16 @@ from morphc.ir.load_plan import LoadPlan, group_layers
 from morphc.passes import PassContext
 from morphc.predictors import layer_profile
 from morphc.predictors.records import RecordsDB
-from morphc.runtime import cold_start
-from morphc.runtime.cold_start import (
-    ALIGN,
+from morphc.runtime import cold_start, memory_tiers, weights_file
+from morphc.runtime.cold_start import ColdStartExecutor, read_bytes
+from morphc.runtime.memory_tiers import (
     CUDA_HOST_REGISTER_MAPPED,
     CUDA_HOST_REGISTER_PORTABLE,
-    LAYER_ALIGN,
-    ColdStartError,
-    ColdStartExecutor,
-    WeightsFile,
     cuda_array_interface,
     direct_device_view,
-    read_bytes,
     register_mapped,
-    write_weights,
 )
+from morphc.runtime.weights_file import ALIGN, LAYER_ALIGN, ColdStartError, WeightsFile, write_weights
 
 STRATEGIES = ["plan", "pipeline", "on-demand", "direct"]
 
@@ -115,7 +110,7 @@ def test_loads_bypass_the_page_cache_where_the_file_system_allows(mlp) -> None:
     assert direct.tier.direct_io is True
     out, timeline = direct.run(x)
     assert torch.equal(out["model"], expected["model"])
-    if not cold_start.supports_o_direct(weights.path):
+    if not weights_file.supports_o_direct(weights.path):
         assert direct.tier.direct_reads == 0
         return
     assert direct.tier.direct_reads > 0 and direct.tier.cached_reads == 0
@@ -131,7 +126,7 @@ def test_the_bulk_read_rate_is_measured_in_the_mode_asked_for(mlp, monkeypatch) 
     assert weights.cold_read_gbs(direct=False) > 0
     assert weights.resident_fraction() > 0.95  # read through the page cache, which keeps it
     assert weights.cold_read_gbs(direct=True) > 0
-    if cold_start.supports_o_direct(weights.path):
+    if weights_file.supports_o_direct(weights.path):
         assert weights.resident_fraction() < 0.05  # read with O_DIRECT: nothing cached
     modes = []
     real = WeightsFile.cold_read_gbs
@@ -160,13 +155,13 @@ def _vm_flags(address: int) -> list[str]:
 def test_the_arena_is_aligned_and_asks_for_huge_pages() -> None:
     """O_DIRECT needs the buffer aligned as the file offset is; huge pages make its requests large."""
     for phase in (0, 64, 4032):
-        buf = cold_start.aligned_empty(3 << 20, phase)
-        assert buf.numel() == 3 << 20 and buf.data_ptr() % cold_start.HUGE_PAGE == phase
+        buf = weights_file.aligned_empty(3 << 20, phase)
+        assert buf.numel() == 3 << 20 and buf.data_ptr() % weights_file.HUGE_PAGE == phase
         buf.fill_(7)  # writable, and private: nothing else sees it
         assert int(buf[-1]) == 7
         assert "hg" in _vm_flags(buf.data_ptr())  # madvise(MADV_HUGEPAGE) on its map
     with pytest.raises(ValueError, match="phase"):
-        cold_start.aligned_empty(10, LAYER_ALIGN)
+        weights_file.aligned_empty(10, LAYER_ALIGN)
 
 
 def test_an_o_direct_read_covers_only_padding_past_its_layer(tmp_path: Path) -> None:
@@ -220,7 +215,7 @@ def test_a_lookup_asks_for_all_its_rows_before_it_runs(tmp_path: Path, monkeypat
                 asked.append((start, length))
             real(self, option, start, length)
 
-    monkeypatch.setattr(cold_start.mmap, "mmap", Spy)
+    monkeypatch.setattr(memory_tiers.mmap, "mmap", Spy)
     out, _ = ColdStartExecutor(_schedule(program, "direct"), weights).run(ids)
     assert torch.equal(out["model"], program(ids)["model"])
     table = next(e for e in weights.tensors.values() if e.shape == (16384, 256))
@@ -250,10 +245,10 @@ def test_a_file_written_for_the_plan_puts_direct_layers_after_the_loads(tmp_path
 
 
 def test_contiguous_runs_split_only_at_real_gaps() -> None:
-    r = cold_start.LayerRange
+    r = weights_file.LayerRange
     a, b, c = r("a", 0, 100, ()), r("b", 128, 200, ()), r("c", 8192, 9000, ())
-    assert [[x.name for x in run] for run in cold_start.contiguous_runs([a, b, c])] == [["a", "b"], ["c"]]
-    assert [[x.name for x in run] for run in cold_start.contiguous_runs([b, a])] == [["b"], ["a"]]
+    assert [[x.name for x in run] for run in weights_file.contiguous_runs([a, b, c])] == [["a", "b"], ["c"]]
+    assert [[x.name for x in run] for run in weights_file.contiguous_runs([b, a])] == [["b"], ["a"]]
 
 
 def _costs_favouring_direct(program: morphc.Program):

@@ -17,7 +17,9 @@ import morphc
 from morphc.ir.load_plan import group_layers
 from morphc.passes import PassContext
 from morphc.predictors import layer_profile
-from morphc.runtime.cold_start import ColdStartExecutor, HostTier, WeightsFile, write_weights
+from morphc.runtime.cold_start import ColdStartExecutor
+from morphc.runtime.memory_tiers import HostTier
+from morphc.runtime.weights_file import WeightsFile, write_weights
 
 STRATEGIES = ["plan", "pipeline", "on-demand", "direct"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU tier)")

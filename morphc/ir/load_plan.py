@@ -6,7 +6,8 @@ compute on some weights where they lie ("direct access": an mmap'd file page, ma
 memory) instead of copying them first (DeepPlan, EuroSys'23; PipeSwitch, OSDI'20).
 
 This module holds what the IR needs to express such a schedule; planning is the
-`insert-load-schedule` pass and running it is `morphc.runtime.cold_start`:
+`insert-load-schedule` pass and running it is `morphc.runtime.cold_start` (over
+`morphc.runtime.memory_tiers` and `morphc.runtime.weights_file`):
 
 - `group_layers`: the unit of loading. Parameters are grouped by the module that owns them
   (`layer1.0.conv1.weight` and `.bias` -> layer `layer1.0.conv1`), ordered by first use; the

@@ -28,7 +28,9 @@ from morphc.ir.program import Program
 from morphc.passes.load_schedule import PROFILE_KIND, InsertLoadSchedule
 from morphc.passes.manager import PassContext
 from morphc.predictors.records import RecordsDB, device_fingerprint
-from morphc.runtime.cold_start import ColdStartExecutor, DiskTier, HostTier, Timeline, WeightsFile
+from morphc.runtime.cold_start import ColdStartExecutor, Timeline
+from morphc.runtime.memory_tiers import DiskTier, HostTier
+from morphc.runtime.weights_file import WeightsFile
 
 KIND = PROFILE_KIND
 
