@@ -4,12 +4,13 @@ For each model: write its weights in first-use order (`write_weights`), measure 
 from the cold state (stored in a records database; `--reuse-profile` plans from a stored one), schedule
 the program with each strategy of `insert-load-schedule` (the plan from the measured profile), write
 the plan's own file when its layout differs (direct-access layers after the loaded ones), then run
-interleaved cold first inferences (the file's pages evicted with posix_fadvise DONTNEED before
-each) with the cold-start executor and report medians, the planner's predicted totals, and the
-physical lower bound max(bytes that must be read / measured cold read bandwidth, compute time with
-weights resident). "Bytes that must be read" counts only the rows an embedding lookup touches; the
-bandwidth is the storage's streaming rate (the whole file read cold in 8 MB chunks, once per round
-of runs, median; or the rate measured when profiling if that was higher), so no schedule can beat
+interleaved cold first inferences (the file's pages evicted with posix_fadvise DONTNEED before each;
+the strategies in balanced orders, `balanced_orders`, so give a multiple of 4 runs) with the cold-start
+executor and report medians, the planner's predicted totals, and the physical lower bound
+max(bytes that must be read / measured cold read bandwidth, compute time with weights resident).
+"Bytes that must be read" counts only the rows an embedding lookup touches; the bandwidth is the
+storage's streaming rate (the whole file read cold in 64 MB chunks, once per round of runs, median;
+or the rate measured when profiling if that was higher), so no schedule can beat
 the bound by reading smarter. The disk is virtual and shared: its rate varies between rounds. The
 resident compute time is the on-demand runs' compute after their single read, in the same rounds.
 
