@@ -5,7 +5,7 @@ Where the weights start and how they are read: `morphc.runtime.memory_tiers` (`D
 
 The executor walks the scheduled graph in order: a `morphc::prefetch` issues its layer's load on
 its channel's I/O thread (FIFO, as the planner assumed; on disk the loads stream as chunk reads in
-issue order with `read_depth` of them in flight, 8 MB chunks, two in flight, see READ_DEPTH), a
+issue order with `read_depth` of them in flight: by default two 8 MB chunks, see READ_DEPTH), a
 `morphc::wait` blocks until that load is done and yields the loaded tensor; plain `get_attr`s of
 direct-access layers yield views of the tier. Eager on GPU, the compute stream waits for loads with
 events and the CPU queues kernels ahead; `capture`/`replay` run the whole scheduled first inference as a
