@@ -145,10 +145,10 @@ def main() -> int:
     from morphc.predictors.cost_model import DEFAULT_MEMBERS, NODE_LOSS, TrainItem, make_query, train
 
     args.members = args.members or DEFAULT_MEMBERS
-    from morphc.predictors.dataset import gpu_device, load_samples
+    from morphc.predictors.dataset import cpu_device, gpu_device, load_samples
     from morphc.predictors.records import RecordsDB
 
-    device = gpu_device(RecordsDB(args.db)) if gpu else None  # CPU: this machine's fingerprint, as before
+    device = (gpu_device if gpu else cpu_device)(RecordsDB(args.db))  # the machine the records describe
     all_samples = load_samples(args.db, device=device)
     samples = [s for s in all_samples if not s.unstable]
     dropped = len(all_samples) - len(samples)
@@ -164,8 +164,8 @@ def main() -> int:
     results: dict[str, Any] = {"samples": len(samples), "unstable_left_out": dropped, "train": len(train_s),
                                "held_out_families": list(HELD_OUT_FAMILIES), "train_seconds": train_s_time,
                                "final_loss": float(np.mean(losses[-100:])), "splits": {}}
+    results["device"] = device  # the machine measured, which need not be the one training here
     if gpu:
-        results["device"] = device
         results["runtime_feature_samples"] = sum(s.runtime is not None for s in samples)
     preds: dict[str, dict[str, np.ndarray]] = {}
     for name, test in (("a", test_a), ("b", test_b)):
@@ -278,7 +278,8 @@ def _plot(preds: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
 
 def _report(results: dict[str, Any], plot_name: str) -> str:
-    parts = [f"{results['samples'] + results['unstable_left_out']} measured (program, config) samples, "
+    parts = [f"Measured on `{results['device']}`. "
+             f"{results['samples'] + results['unstable_left_out']} measured (program, config) samples, "
              f"{results['samples']} used ({results['unstable_left_out']} left out as "
              f"unstable: p90/p10 > 10, or contended); GNN trained on {results['train']} in "
              f"{results['train_seconds']:.0f} s. Held-out families: {', '.join(results['held_out_families'])}.\n",

@@ -179,14 +179,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_train_cost_model(args: argparse.Namespace) -> int:
     """Train the GNN cost model on a records DB of corpus measurements and save a checkpoint."""
     from morphc.predictors.cost_model import DEFAULT_MEMBERS, TrainItem, train
-    from morphc.predictors.dataset import load_samples
+    from morphc.predictors.dataset import cpu_device, load_samples
+    from morphc.predictors.records import RecordsDB
 
-    samples = [s for s in load_samples(args.db) if not s.unstable]
+    device = cpu_device(RecordsDB(args.db)) if Path(args.db).is_file() else None
+    samples = [s for s in load_samples(args.db, device=device) if not s.unstable]
     if not samples:
         raise MorphcError(f"'{args.db}' holds no corpus measurements for this machine; collect them with "
                           "`morphc profile --corpus --db ...`")
     model, losses = train([TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in samples],
-                          steps=args.steps, seed=args.seed,
+                          steps=args.steps, seed=args.seed, device=device,
                           members=args.members or DEFAULT_MEMBERS)
     model.meta["trained"].update(db=Path(args.db).name, statistic="p10_ms")
     path = model.save(args.output)

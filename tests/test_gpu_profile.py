@@ -426,7 +426,7 @@ def test_gpu_records_round_trip_into_samples_and_a_cuda_model(tmp_path: Path) ->
     assert s.latency_ms == pytest.approx(0.05 + 1e-4 * 32 * 4 * 2)
     assert s.runtime is not None and s.runtime.shape == (s.graph.num_nodes, 2)
     np.testing.assert_allclose(s.runtime[1], [(0.05 + 1e-4 * 32 * 4) / 4, (0.05 + 1e-4 * 32 * 4 * 2) / 4])
-    assert load_samples(db) == []  # this machine (cpu) measured nothing here
+    assert load_samples(db) == []  # no CPU measured these programs
 
     items = [TrainItem(x.graph, x.config, x.latency_ms, x.runtime, x.family) for x in samples if not x.unstable]
     model, _ = train(items, device=gpu_device(db), hidden=8, layers=1, steps=20, batch_size=8, show_progress=False)

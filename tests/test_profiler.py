@@ -134,6 +134,37 @@ def test_repeat_passes_are_kept_and_learned_as_their_median(tmp_path: Path) -> N
         assert s.latency_ms == pytest.approx(sum(s.passes) / 2)  # the median of two
 
 
+def test_a_collection_made_on_another_cpu_is_read_as_that_machines(tmp_path: Path) -> None:
+    """The stored corpus describes the machine it was measured on: elsewhere it is still evaluated and
+    trained on (a checkpoint then names that machine), and this machine's own records win when present."""
+    from morphc.cli import main
+    from morphc.predictors.cost_model import load
+    from morphc.predictors.records import device_fingerprint
+
+    db = RecordsDB(tmp_path / "corpus.sqlite")
+    collect_corpus(db, [_tiny_variant(4), _tiny_variant(8)], batches=(1,), show_progress=False, target_s=0.001)
+    here = device_fingerprint("cpu")
+    assert dataset.cpu_device(db) == here and len(load_samples(db)) == 4
+    other = "cpu|Another CPU|cores=2|torch=x"
+    with db.conn:
+        db.conn.execute("UPDATE records SET device=? WHERE device=?", (other, here))
+    assert dataset.cpu_device(db) == other
+    samples = load_samples(db)
+    assert len(samples) == 4 and all(s.runtime is not None for s in samples)  # per-op records moved with them
+    assert main(["train-cost-model", "--db", str(db.path), "-o", str(tmp_path / "m.npz"), "--steps", "5",
+                 "--members", "1"]) == 0
+    assert load(tmp_path / "m.npz").meta["device_fingerprint"] == other
+    with db.conn:
+        db.conn.execute("INSERT INTO records (kind, model, device, config, stats, created) SELECT kind, model, ?, "
+                        "config, stats, created FROM records WHERE device=?", ("cpu|A third CPU", other))
+    with pytest.raises(RecordsError, match=r"CPU latencies of 2 other machines and none of this one .*pass one of "
+                                           r"them as device=: cpu\|A third CPU; cpu\|Another CPU"):
+        load_samples(db)
+    assert len(load_samples(db, device=other)) == 4
+    collect_corpus(db, [_tiny_variant(4)], batches=(1,), show_progress=False, target_s=0.001)
+    assert dataset.cpu_device(db) == here and len(load_samples(db)) == 2  # this machine's own, once it has some
+
+
 def test_loading_a_missing_or_foreign_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RecordsError, match="does not exist"):
         load_samples(tmp_path / "nope.sqlite")

@@ -212,13 +212,30 @@ class Sample:
 STATISTIC = "p10_ms"  # the latency the cost model learns; see load_samples
 
 
+def _latency_devices(db: RecordsDB) -> list[str]:
+    """The device fingerprints `db` holds latency records of."""
+    return sorted({r[0] for r in db.conn.execute("SELECT DISTINCT device FROM records WHERE kind=?", (LATENCY,))})
+
+
+def cpu_device(db: RecordsDB) -> str:
+    """The CPU whose corpus latencies to read from `db`: this machine if `db` holds its measurements,
+    otherwise the one CPU it holds (a collection made on another machine is still evaluated, and trained
+    on, as that machine's); this machine's fingerprint when it holds none (no samples)."""
+    here = device_fingerprint("cpu")
+    found = [d for d in _latency_devices(db) if d.startswith("cpu")]
+    if here in found or not found:
+        return here
+    if len(found) > 1:
+        raise RecordsError(f"'{db.path}' holds CPU latencies of {len(found)} other machines and none of this one "
+                           f"('{here}'); pass one of them as device=: " + "; ".join(found))
+    return found[0]
+
+
 def gpu_device(db: RecordsDB) -> str:
     """The one GPU device fingerprint of `db`'s latency records (a GPU profile comes from one machine)."""
-    found = sorted({r[0] for r in db.conn.execute("SELECT DISTINCT device FROM records WHERE kind=?", (LATENCY,))
-                    if r[0].startswith("cuda")})
+    found = [d for d in _latency_devices(db) if d.startswith("cuda")]
     if not found:
-        devices = sorted({r[0] for r in db.conn.execute("SELECT DISTINCT device FROM records WHERE kind=?",
-                                                        (LATENCY,))})
+        devices = _latency_devices(db)
         raise RecordsError(f"'{db.path}' holds no GPU latency records (devices with latencies: {devices or 'none'}); "
                            f"collect a GPU profile with scripts/collect_gpu_profile.py on a GPU machine")
     if len(found) > 1:
@@ -228,9 +245,9 @@ def gpu_device(db: RecordsDB) -> str:
 
 
 def load_samples(db: RecordsDB | str | Path, device: str | None = None, statistic: str = STATISTIC) -> list[Sample]:
-    """Every complete latency sample of the corpus in `db` for `device` (default: this machine; "cuda": the
-    GPU profile in `db`, see `gpu_device`); a config measured in several passes (`collect_corpus(repeat=...)`)
-    gives one sample, their median.
+    """Every complete latency sample of the corpus in `db` for `device` (default: this machine, or the one CPU
+    `db` describes, see `cpu_device`; "cuda": the GPU profile in `db`, see `gpu_device`); a config measured in
+    several passes (`collect_corpus(repeat=...)`) gives one sample, their median.
 
     `statistic` is the latency learned: by default the 10th percentile of the interleaved runs, the
     latency of a program that has its cores (on cores shared with other jobs, the median also
@@ -245,7 +262,7 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
         db = RecordsDB(db)
     if device == "cuda":
         device = gpu_device(db)
-    device = device or device_fingerprint("cpu")
+    device = device or cpu_device(db)
     gpu = device.startswith("cuda")
     graphs: dict[str, OpGraph] = {}
     samples: list[Sample] = []
