@@ -133,6 +133,9 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=None,
                         help="also train on every stable sample (all families, all configs) and save the checkpoint "
                              "here (how the shipped morphc/predictors/checkpoints/cpu-default.npz is made)")
+    parser.add_argument("--other-checkpoint", action="append", default=[],
+                        help="also score this checkpoint, trained on another machine's measurements, on the same "
+                             "splits: how far a model carries between machines (repeatable)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     if gpu and Path(args.db).resolve() == (RESULTS / "cost_model.sqlite").resolve():
@@ -142,7 +145,7 @@ def main() -> int:
     load_start = load_average()
 
     from morphc.predictors.corpus import HELD_OUT_FAMILIES
-    from morphc.predictors.cost_model import DEFAULT_MEMBERS, NODE_LOSS, TrainItem, make_query, train
+    from morphc.predictors.cost_model import DEFAULT_MEMBERS, NODE_LOSS, TrainItem, load, make_query, train
 
     args.members = args.members or DEFAULT_MEMBERS
     from morphc.predictors.dataset import cpu_device, gpu_device, load_samples
@@ -153,6 +156,12 @@ def main() -> int:
     samples = [s for s in all_samples if not s.unstable]
     dropped = len(all_samples) - len(samples)
     train_s, test_a, test_b = split(samples, HELD_OUT_FAMILIES)
+    others = {}  # trained on all families of another machine's corpus: only the machine is new to them
+    for path in args.other_checkpoint:
+        other = load(path)
+        if other.meta["device_fingerprint"] == device:
+            parser.error(f"--other-checkpoint {path} was trained on this database's machine ({device})")
+        others[f"{Path(path).name} (trained on {other.meta['device_fingerprint'].split('|')[1]})"] = other
     print(f"{len(samples)} samples ({dropped} unstable left out): train {len(train_s)}, "
           f"(a) {len(test_a)}, (b) {len(test_b)}")
     t0 = time.time()
@@ -178,6 +187,8 @@ def main() -> int:
         rt_true = np.asarray([s.latency_ms for s in test if s.runtime is not None])
         p = {"GNN (static features)": static, "FLOPs-linear": flops_linear(train_s, test),
              "gradient-boosted trees": gbt(train_s, test)}
+        for label, other in others.items():
+            p[label] = other.predict_queries([make_query(s.graph, s.config) for s in test])[0]
         preds[name] = {**p, "measured": true}
         results["splits"][name] = {k: metrics(v, true) for k, v in p.items()}
         if len(rt_true):  # a GPU profile without MPS has no second per-op share, hence no runtime features

@@ -124,6 +124,18 @@ def shipped() -> cost_model.CostModel:
     return load_default()
 
 
+def test_the_shipped_checkpoint_of_this_machine_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = cost_model.shipped_checkpoints()
+    assert shipped and all(fp.startswith("cpu|") for fp in shipped.values())  # headers read, every one a CPU's
+    default = next(p for p in shipped if p.name == cost_model.DEFAULT_CHECKPOINT)
+    fake = {Path("cpu-a.npz"): "cpu|CPU A|cores=2|torch=2.13.0", Path("cpu-b.npz"): "cpu|CPU B|cores=2|torch=2.13.0",
+            Path("cpu-b16.npz"): "cpu|CPU B|cores=16|torch=2.13.0"}
+    monkeypatch.setattr(cost_model, "shipped_checkpoints", lambda: fake)
+    assert cost_model.default_checkpoint_path("cpu|CPU B|cores=16|torch=2.13.0").name == "cpu-b16.npz"  # exact
+    assert cost_model.default_checkpoint_path("cpu|CPU A|cores=8|torch=2.11.0").name == "cpu-a.npz"  # its CPU model
+    assert cost_model.default_checkpoint_path("cpu|CPU C|cores=2|torch=2.13.0") == default  # none: the default
+
+
 def test_shipped_checkpoint_predicts_and_ranks(shipped: cost_model.CostModel) -> None:
     assert cost_model.default_checkpoint_path().is_file()
     small, big = _mlp(16, 1), _mlp(512, 8, batch=8)

@@ -364,12 +364,33 @@ def load(path: str | Path | io.BytesIO) -> CostModel:
     return CostModel(tuple(members), meta)
 
 
-def default_checkpoint_path() -> Path:
+def shipped_checkpoints() -> dict[Path, str]:
+    """The CPU checkpoints shipped in the package, each with the device fingerprint of the machine its
+    training data was measured on (read from its header alone)."""
+    folder = Path(str(resources.files("morphc.predictors") / "checkpoints"))
+    found = {}
+    for path in sorted(folder.glob("cpu-*.npz")):
+        with np.load(path, allow_pickle=False) as data:
+            found[path] = str(json.loads(data["__meta__"].tobytes().decode())["device_fingerprint"])
+    return found
+
+
+def default_checkpoint_path(fingerprint: str | None = None) -> Path:
+    """The shipped checkpoint for the machine `fingerprint` (default: this one): the one measured on it
+    (the same fingerprint, else the same CPU model), otherwise DEFAULT_CHECKPOINT, whose predictions then
+    describe the machine it was measured on (`CostModel` warns)."""
+    fingerprint = fingerprint or device_fingerprint("cpu")
+    shipped = shipped_checkpoints()
+    cpu_model = fingerprint.split("|")[1] if "|" in fingerprint else fingerprint
+    for match in (lambda fp: fp == fingerprint, lambda fp: fp.split("|")[1:2] == [cpu_model]):
+        if found := [path for path, fp in shipped.items() if match(fp)]:
+            return found[0]
     return Path(str(resources.files("morphc.predictors") / "checkpoints" / DEFAULT_CHECKPOINT))
 
 
 def load_default() -> CostModel:
-    """The CPU cost model shipped with morphc (see README: the machine it describes, how to retrain)."""
+    """The CPU cost model shipped with morphc for this machine (see `default_checkpoint_path`; README:
+    the machines the shipped ones describe, how to retrain for another)."""
     return load(default_checkpoint_path())
 
 
