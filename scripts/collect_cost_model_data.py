@@ -31,6 +31,10 @@ def main() -> int:
     parser.add_argument("--prepare-only", action="store_true", help="only lower the programs into --cache")
     parser.add_argument("--repeat", type=int, default=0,
                         help="measure the end-to-end latencies again as pass N (1, 2, ...): training learns the median")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="measure with subnormal floats flushed to zero (torch.set_flush_denormal, set before any "
+                             "worker thread starts, so they inherit it): on CPUs that compute subnormals slowly a "
+                             "program's latency otherwise depends on its values (docs/cost_model.md)")
     parser.add_argument("--refresh-op-graphs", action="store_true",
                         help="only re-extract the stored op graphs (after a new features.OPGRAPH_VERSION); "
                              "measures nothing")
@@ -38,6 +42,8 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_grad_enabled(False)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        parser.error("--flush-denormal: this CPU cannot flush subnormals to zero (torch.set_flush_denormal)")
     from morphc.predictors.corpus import VARIANTS
     from morphc.predictors.dataset import collect_corpus, refresh_op_graphs
     from morphc.predictors.records import RecordsDB
