@@ -113,7 +113,7 @@ collect_corpus(RecordsDB({str(path)!r}), [make(w) for w in (4, 8, 16)], batches=
     real = dataset.profile_interleaved
     monkeypatch.setattr(dataset, "profile_interleaved", lambda *a, **k: calls.append(1) or real(*a, **k))
     measured = collect_corpus(db, [_tiny_variant(w) for w in (4, 8, 16)], batches=(1,), show_progress=False,
-                              target_s=0.001)
+                              target_s=0.001, retries=0)  # no retry of a noisy 1 ms measurement: one call each
     assert measured == 1 and len(calls) == 1  # only the missing variant was measured
     samples = load_samples(db)
     assert len(samples) == 6 and all(s.runtime is not None and s.runtime.shape[1] == 2 for s in samples)
@@ -196,3 +196,14 @@ def test_stored_op_graphs_are_re_extracted_for_the_same_programs_only(tmp_path: 
                                                               (torch.randn(b, 4),)))
     with pytest.raises(RecordsError, match="lowers to program"):
         dataset.refresh_op_graphs(db, [changed], show_progress=False)
+
+
+def test_a_variant_is_lowered_from_its_own_builder_not_one_of_the_same_name_built_before() -> None:
+    """The lowering cache keeps the last variant built; another definition under the same name (a test's,
+    an edited family's) must be built anew, or its records would describe the other model."""
+    wider = Variant("tiny[w=4]", "tiny", {"width": 4}, lambda b: (nn.Sequential(nn.Linear(4, 4), nn.ReLU(),
+                                                                                nn.Linear(4, 2)).eval(),
+                                                                  (torch.randn(b, 4),)))
+    first = dataset.lowered(wider, 1)
+    second = dataset.lowered(_tiny_variant(4), 1)
+    assert len(first.graph_module.graph.nodes) > len(second.graph_module.graph.nodes)

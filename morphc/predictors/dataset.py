@@ -39,7 +39,7 @@ OPGRAPH = "opgraph"
 STATIC = "static"  # device field of device-independent records
 
 
-_built: dict[str, object] = {}  # the last variant built: its models and batch-1 inputs
+_built: dict[str, object] = {}  # the last variant built (its name and builder): its models and batch-1 inputs
 
 
 def _cache_path(v: Variant, batch: int, cache_dir: str | Path | None) -> Path | None:
@@ -55,9 +55,10 @@ def lowered(v: Variant, batch: int, cache_dir: str | Path | None = None) -> Prog
     path = _cache_path(v, batch, cache_dir)
     if path is not None and path.is_file():
         return morphc.load(path)
-    if _built.get("name") != v.name:  # build each variant once; other batches repeat its batch-1 inputs
+    key = (v.name, v.builder)  # the builder too: two definitions may share a name (tests, edited families)
+    if _built.get("key") != key:  # build each variant once; other batches repeat its batch-1 inputs
         _built.clear()
-        _built.update(name=v.name, built=v.build(1))
+        _built.update(key=key, built=v.build(1))
     models, inputs = _built["built"]
     program = morphc.lower(models, tuple(t.repeat(batch, *[1] * (t.dim() - 1)) for t in inputs))
     if path is not None:
