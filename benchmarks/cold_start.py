@@ -15,8 +15,11 @@ the bound by reading smarter. Where the plan reads its own file, that file is re
 too, and the plan is held to the bound at the bound's rate scaled by the median ratio of the two files'
 rates in the same rounds: on this virtual disk two files of the same size can stream at different rates
 (BERT-base's plan file at 1.8-1.9 GB/s against 2.3 for its first-use-order file, in the same minutes).
-The disk is virtual and shared: its rate varies between rounds. The resident compute time is the
-on-demand runs' compute after their single read, in the same rounds.
+The disk is virtual and shared: its rate varies between rounds, and within a round (between about 1.4
+and 2.4 GB/s, within seconds). So each run's own file is also read whole just before the run, and each
+run is held to the bound and to the plan's prediction at that rate (`per_run`: the medians over runs of
+run / its bound and measured / predicted). The resident compute time is the on-demand runs' compute
+after their single read, in the same rounds.
 
 The process is warm (kernels, allocator) and the weights are cold, as in DeepPlan/PipeSwitch.
 Compute runs on one torch thread and the I/O on one thread: the machine has 2 cores, so compute
@@ -45,7 +48,7 @@ from morphc import zoo
 from morphc.ir.load_plan import LoadPlan, group_layers
 from morphc.passes import PassContext
 from morphc.passes.load_schedule import plan_markdown, predict_plan
-from morphc.predictors.layer_profile import profile_layers
+from morphc.predictors.layer_profile import balanced_orders, profile_layers
 from morphc.predictors.records import RecordsDB
 from morphc.predictors.timing_lock import DEFAULT_TIMING_LOCK, timing_lock
 from morphc.runtime.cold_start import ColdStartExecutor, Timeline
@@ -62,17 +65,6 @@ LOCK = DEFAULT_TIMING_LOCK
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-def balanced_orders(n: int) -> list[list[int]]:
-    """Orders of n strategies for the rounds (a Williams design): each goes first equally often and
-    follows every other equally often. What ran just before a cold run changes it: with one fixed order the
-    plan always ran right after direct access had faulted the whole file into the page cache, and its
-    reads were slower there (BERT-base, per-round ratio to the bound: 1.12 after direct, 1.07 first)."""
-    first = [0]
-    for k in range(1, n):
-        first.append((k + 1) // 2 if k % 2 else n - k // 2)
-    rows = [[(x + i) % n for x in first] for i in range(n)]
-    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 def rate_ratio(rates: list[float], reference: list[float]) -> float:
     """The median over rounds of a file's bulk rate over the reference file's in the same round."""
@@ -160,6 +152,7 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     # ... and it differs between files: the plan's own file is held to the rate of that file, measured beside
     plan_file = files["plan"] if files["plan"] is not weights and not gpu else None
     plan_bulk: list[float] = []
+    run_gbs: dict[str, list[float]] = {s: [] for s in STRATEGIES}  # its file's bulk rate just before each run
     max_diff = dict.fromkeys(STRATEGIES, 0.0)
     host = executors["on-demand"].tier
     warm: list[float] = []  # GPU: first inferences with the weights already on the device, in the same rounds
@@ -172,6 +165,8 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
         if gpu:
             warm.append(executors["pipeline"].run(*inputs, cold=False)[1].total_ms)
         for s, exe in (named[i] for i in orders[r % len(orders)]):
+            if not gpu:  # the disk's rate moves by up to 1.8x within seconds: measure it next to each run too
+                run_gbs[s].append(files[s].cold_read_gbs())
             out, tl = exe.run(*inputs, cold=True)
             check_outputs(s, out, reference, exact=not gpu, mismatch=max_diff)
             samples[s].append(tl)
@@ -196,8 +191,16 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
     # the same plans re-simulated at the speed the machine had during these rounds (its compute and disk
     # drift between minutes): separates the planner's model error from the machine's drift
     profiled = costs.extra.get("resident_compute_ms") or 0.0
-    same_round = costs.at_speed(tail / profiled if profiled > 0 else 1.0, bw)
+    compute_scale = tail / profiled if profiled > 0 else 1.0
+    same_round = costs.at_speed(compute_scale, bw)
     resimulated = {s: predict_plan(plans[s], same_round) for s in STRATEGIES}
+    # each run against the bound and the prediction at the rate measured just before it (its own file's)
+    per_run = {s: {"bound_ratio": statistics.median(
+                       t.total_ms / max(must_read / (g * 1e6), resident) for t, g in zip(samples[s], run_gbs[s])),
+                   "measured_over_predicted": statistics.median(
+                       t.total_ms / predict_plan(plans[s], costs.at_speed(compute_scale, g))
+                       for t, g in zip(samples[s], run_gbs[s]))}
+               for s in STRATEGIES if run_gbs[s]}
     plot = common.RESULTS / f"{prefix}_{name}.png"
     plot_timelines(name, {s: median_runs[s] for s in ("pipeline", "plan")}, plans["plan"], plot)
     (common.RESULTS / f"{prefix}_{name}_plan.md").write_text(
@@ -215,6 +218,7 @@ def bench_model(name: str, kwargs: dict[str, Any], program: morphc.Program, weig
         "all_ms": {s: [t.total_ms for t in tls] for s, tls in samples.items()},
         "predicted_ms": {s: plans[s].predicted_total_ms for s in STRATEGIES},
         "predicted_at_run_speed_ms": resimulated, "profile_resident_compute_ms": profiled,
+        "run_gbs": run_gbs, "per_run": per_run,
         "read_mb": {s: statistics.median((t.read_bytes or 0) / 1e6 for t in tls) for s, tls in samples.items()},
         "plan_direct_layers": [e[0] for e in plans["plan"].layers if e[1] == "direct"],
         "breakdown": {s: breakdown(t) for s, t in median_runs.items()},
@@ -315,6 +319,16 @@ def report(results: list[dict[str, Any]]) -> str:
                    f"{statistics.median(r['bulk_gbs_per_round']):.2f} (medians of the rounds; the median ratio in "
                    f"a round {rate_ratio(r['plan_file_gbs_per_round'], r['bulk_gbs_per_round']):.2f})" for r in own)
                + ". Plan / bound is the plan against the bound at the bound's rate times that ratio.", ""]
+    if paired := [r for r in results if r.get("per_run")]:
+        md += ["Each run against the bound and the planner's prediction at the rate its own file streamed at just "
+               "before it (a cold whole-file read before every run; this virtual disk's rate moves between about "
+               "1.4 and 2.4 GB/s within seconds, so a bound at one rate for all rounds mixes its states). Median "
+               "over the runs of run / its bound, and of measured / predicted (compute scaled as below):", "",
+               common.markdown_table(
+                   ["model", *(f"{s}: / bound, / predicted" for s in STRATEGIES)],
+                   [[r["model"], *(f"{r['per_run'][s]['bound_ratio']:.2f}, "
+                                   f"{r['per_run'][s]['measured_over_predicted']:.2f}" for s in STRATEGIES)]
+                    for r in paired]), ""]
     pred_rows = [[r["model"], *(f"{r['predicted_ms'][s]:.1f} ({r['predicted_at_run_speed_ms'][s]:.1f}) / "
                                 f"{r['median_ms'][s]:.1f}" for s in STRATEGIES),
                   f"{r['profile_resident_compute_ms']:.1f} / {r['on_demand_tail_ms']:.1f}"] for r in results]

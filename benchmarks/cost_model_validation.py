@@ -11,7 +11,9 @@ A candidate is extra training data, other training options, or both: `--extra-db
 database (e.g. one new corpus family, collected with `scripts/collect_cost_model_data.py --family F`),
 whose samples are added to every training set and never tested; `--option KEY=VALUE` (repeatable), a
 keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`, `hidden=96`,
-`op_dropout=0.1`). `--with-b` also reports split (b), for information only.
+`op_dropout=0.1`), or a `CostModel` field that changes only how the trained network predicts
+(`hide_unseen_ops=0`: the candidate is then the baseline's own network, predicting the other way).
+`--with-b` also reports split (b), for information only.
 
     python benchmarks/cost_model_validation.py --extra-db benchmarks/results/cost_model_randcell.sqlite \\
         --seeds 0,1,2,3 --with-b --out cost_model_validation_randcell
@@ -20,6 +22,7 @@ keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -73,6 +76,7 @@ def main() -> int:
     if not extra and not options:
         parser.error("nothing to compare: give a candidate with --extra-db and/or --option KEY=VALUE")
     seeds = [int(x) for x in args.seeds.split(",")]
+    predict_options = {k: options.pop(k) for k in PREDICT_TIME if k in options}
     arms = {"baseline": ([], {}), "candidate": (extra, options)}
     cases = [(spec, [s for s in train_s if s.family not in spec.split(",")],
               [s for s in train_s if s.family in spec.split(",")]) for spec in splits]
@@ -84,9 +88,16 @@ def main() -> int:
     for spec, fit, val in cases:
         true = np.asarray([s.latency_ms for s in val])
         for seed in seeds:
+            models: dict[str, Any] = {}
             for arm, (added, train_options) in arms.items():
                 items = [TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in fit + added]
-                model, _ = train(items, steps=args.steps, seed=seed, show_progress=False, **train_options)
+                if arm == "candidate" and not added and not train_options:  # it differs only at prediction
+                    model = models["baseline"]
+                else:
+                    model = train(items, steps=args.steps, seed=seed, show_progress=False, **train_options)[0]
+                models[arm] = model
+                if arm == "candidate" and predict_options:
+                    model = dataclasses.replace(model, **predict_options)
                 pred = model.predict_queries([make_query(s.graph, s.config) for s in val])[0]
                 per_family = {f: metrics(pred[i], true[i])["mape_pct"] for f in sorted({s.family for s in val})
                               if (i := [k for k, s in enumerate(val) if s.family == f])}
@@ -109,25 +120,29 @@ def main() -> int:
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
 TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss")
+# CostModel fields that change only how a trained network predicts (0 or 1)
+PREDICT_TIME = ("hide_unseen_ops",)
 
 
 def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, float | int]:
     """`["node_loss=0.5", "hidden=96"]` -> {"node_loss": 0.5, "hidden": 96}, refusing what train() cannot take."""
     import inspect
 
-    from morphc.predictors.cost_model import train
+    from morphc.predictors.cost_model import CostModel, train
 
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
+    defaults |= {f.name: f.default for f in dataclasses.fields(CostModel) if f.name in PREDICT_TIME}
     options: dict[str, float | int] = {}
     for spec in specs:
         key, sep, raw = spec.partition("=")
         if not sep or key not in defaults:
-            parser.error(f"--option {spec}: expected KEY=VALUE with KEY one of {', '.join(TUNABLE)}")
+            parser.error(f"--option {spec}: expected KEY=VALUE with KEY one of {', '.join(TUNABLE + PREDICT_TIME)}")
         kind = type(defaults[key])
         try:
-            options[key] = kind(raw)
+            options[key] = bool(int(raw)) if kind is bool else kind(raw)
         except ValueError:
-            parser.error(f"--option {spec}: {key} takes {'an integer' if kind is int else 'a number'} "
+            parser.error(f"--option {spec}: {key} takes "
+                         f"{'0 or 1' if kind is bool else 'an integer' if kind is int else 'a number'} "
                          f"(default {defaults[key]})")
     return options
 

@@ -471,19 +471,15 @@ def test_compiled_operator_runs_compute_what_the_graph_does() -> None:
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
-def test_benchmark_round_orders_are_balanced(n: int) -> None:
-    """benchmarks/cold_start.py runs the strategies in a Williams design: what ran just before a cold run
-    changes it, so every strategy must go first, and follow every other, equally often."""
-    import importlib.util
+def test_round_orders_are_balanced(n: int) -> None:
+    """The layer profile and benchmarks/cold_start.py run their strategies in a Williams design: what ran
+    just before a cold run changes it, so every strategy must go first, and follow every other, equally often."""
     from collections import Counter
     from itertools import pairwise
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_start.py"
-    spec = importlib.util.spec_from_file_location("cold_start_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.balanced_orders(n)
+    from morphc.predictors.layer_profile import balanced_orders
+
+    rows = balanced_orders(n)
     assert all(sorted(row) == list(range(n)) for row in rows)
     firsts = Counter(row[0] for row in rows)
     pairs = Counter(pair for row in rows for pair in pairwise(row))

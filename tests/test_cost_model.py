@@ -189,3 +189,31 @@ def test_the_per_operator_loss_skips_the_inputs_the_profiler_does_not_time() -> 
     is_input = np.asarray(graph.ops) == "input"
     assert is_input.any() and np.isnan(targets[is_input]).all()
     np.testing.assert_allclose(targets[~is_input], np.log(0.05 + cost_model.NODE_FLOOR_MS))
+
+
+def test_operator_names_no_training_graph_had_are_predicted_as_hidden(tiny_model: tuple, tmp_path: Path) -> None:
+    """The tiny model saw only Linear and ReLU: a GELU's name column kept its random initial weights, so a
+    GELU is predicted as an operator whose name is hidden ("other"), as op dropout trained the network for."""
+    import dataclasses
+
+    from morphc.predictors.cost_model import _hide_op_names
+    from morphc.predictors.features import VOCAB_COLUMNS, VOCAB_NAMES
+
+    model = tiny_model[0]
+    assert {"linear", "relu"} <= set(model.meta["seen_ops"]) and "gelu" not in model.meta["seen_ops"]
+    torch.manual_seed(0)
+    program = morphc.lower(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval(), torch.randn(1, 16))
+    graph = extract(program)
+    query = make_query(graph, CpuConfig(threads=1, batch=1))
+    gelu = np.asarray([op == "gelu" for op in graph.ops])
+    assert gelu.any() and query.x[gelu, VOCAB_COLUMNS][:, VOCAB_NAMES.index("gelu")].all()
+    hidden = _hide_op_names(query, gelu)
+    as_is = dataclasses.replace(model, hide_unseen_ops=False)
+    predicted = model.predict_queries([query])[0]
+    assert predicted == pytest.approx(as_is.predict_queries([hidden])[0], rel=1e-6)
+    assert predicted != pytest.approx(as_is.predict_queries([query])[0], rel=1e-6)  # the noise it removes
+    # the names survive a checkpoint; one that does not record them hides nothing
+    assert load(model.save(tmp_path / "m.npz")).meta["seen_ops"] == model.meta["seen_ops"]
+    old = load(_rewrite(tmp_path / "m.npz", tmp_path / "old.npz", {"seen_ops": None}))
+    assert not old.unseen_op_columns().any()
+    assert old.predict_queries([query])[0] == pytest.approx(as_is.predict_queries([query])[0], rel=1e-6)

@@ -48,6 +48,7 @@ from morphc.predictors.features import (
     GRAPH_DIM,
     NODE_DIM,
     VOCAB_COLUMNS,
+    VOCAB_NAMES,
     OpGraph,
     extract,
     graph_features,
@@ -213,6 +214,8 @@ class CostModel:
 
     members: tuple[LatencyGNN, ...]
     meta: dict[str, Any]
+    # an operator name no training graph had is predicted as if its name were hidden (see _hide_op_names)
+    hide_unseen_ops: bool = True
     _graphs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _warned: bool = field(default=False, repr=False)
     _forward: Callable[..., tuple[jax.Array, jax.Array]] | None = field(default=None, repr=False)
@@ -253,6 +256,8 @@ class CostModel:
     def predict_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
         """(latency ms [Q], embeddings [Q, D]) for prepared queries, in chunks of up to 64 graphs."""
         preds, embs = [], []
+        if self.hide_unseen_ops and (unseen := self.unseen_op_columns()).any():
+            queries = [_hide_op_names(q, q.x[:, VOCAB_COLUMNS][:, unseen].any(axis=1)) for q in queries]
         for start in range(0, len(queries), 64):
             chunk = queries[start:start + 64]
             batch, g = pack(chunk)
@@ -267,6 +272,16 @@ class CostModel:
         if not np.all(np.isfinite(out)):
             raise CostModelError("the cost model produced a non-finite prediction (corrupt checkpoint?)")
         return out, np.concatenate(embs)
+
+    def unseen_op_columns(self) -> np.ndarray:
+        """[vocabulary] bool: the operator-name columns no training graph had (all False for a checkpoint
+        that does not record them). Their weights kept their random initialisation, and a new family's
+        operator with such a name fed that noise into its own time and, through the messages, its
+        neighbours': GPT-2's `addmm`, hf-mobilenet's `hardtanh` (see docs/cost_model.md)."""
+        seen = self.meta.get("seen_ops")
+        if seen is None:
+            return np.zeros(len(VOCAB_NAMES), dtype=bool)
+        return np.asarray([name not in seen and name != "other" for name in VOCAB_NAMES])
 
     def predict_ms(self, program: Program, config: CpuConfig | GpuConfig | None = None) -> float:
         """Predicted median latency in milliseconds of `program` under `config` (default: 1 thread)."""
@@ -397,13 +412,13 @@ def load_default() -> CostModel:
 # --- training -----------------------------------------------------------------------------------
 
 
-def _hide_op_names(query: Query, rng: np.random.Generator, rate: float) -> Query:
-    """`query` with the operator-name one-hot of a random `rate` of its nodes replaced by "other".
+def _hide_op_names(query: Query, hide: np.ndarray) -> Query:
+    """`query` with the operator-name one-hot of the nodes in `hide` replaced by "other": a random share
+    of them in training (op dropout), those whose names no training graph had at prediction.
 
     Training sees operators as if their names were unknown, so the network learns what their class,
     shapes and neighbourhood say: what it has to go on for the operators of a family it never saw.
     """
-    hide = rng.random(query.x.shape[0]) < rate
     if not hide.any():
         return query
     x = query.x.copy()
@@ -463,9 +478,11 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
         node_targets.append(None if it.runtime is None or column is None
                             else _node_targets(it.graph, it.runtime[:, column]))
     targets = np.log(np.asarray([it.latency_ms for it in items], dtype=np.float32))
+    seen = np.any([q.x[:, VOCAB_COLUMNS].any(axis=0) for q in without_rt], axis=0)
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
             "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
+            "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit],
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                         "members": members, "node_loss": node_loss, "groups": sorted({it.group for it in items}),
                         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}}
@@ -533,7 +550,7 @@ def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Q
         idx = rng.choice(n, size=bs, replace=n < bs)
         queries = [with_rt[j] if rng.random() >= runtime_dropout else without_rt[j] for j in idx]
         if op_dropout > 0:
-            queries = [_hide_op_names(q, rng, op_dropout) for q in queries]
+            queries = [_hide_op_names(q, rng.random(q.x.shape[0]) < op_dropout) for q in queries]
         batch, g = pack(queries, bs)
         y = np.zeros(g, np.float32)
         y[:bs] = targets[idx]

@@ -60,6 +60,7 @@ N_RUNTIME = 3  # log op ms at 1 thread, at 2 threads, present flag
 N_CONFIG = 4  # log2 batch, batch scale ratio, 1/threads, log2 threads
 NODE_DIM = len(OP_CLASSES) + N_VOCAB + N_NUMERIC + N_RUNTIME + N_CONFIG
 VOCAB_COLUMNS = slice(len(OP_CLASSES), len(OP_CLASSES) + N_VOCAB)  # the operator-name one-hot
+VOCAB_NAMES: tuple[str, ...] = (*_VOCAB_INDEX, "other")  # the name of each of those columns, in order
 GRAPH_DIM = 12
 
 
