@@ -17,6 +17,7 @@ from morphc.predictors.records import RecordsDB
 from morphc.predictors.tuner import evaluation as ev
 from morphc.predictors.tuner.maml import MetaConfig
 from morphc.predictors.tuner.service import ConfigTuner
+from morphc.predictors.tuner.space import TuningError, gpu_space
 from morphc.predictors.tuner.synthetic import synthetic_tables
 from morphc.runtime import serving
 
@@ -161,3 +162,74 @@ def test_cli_tune_writes_annotated_program_report_and_snippet(tuner, tmp_path) -
     assert mc.load(out).inputs[0].shape[0] == ann.batch  # the program is lowered at the chosen batch
     assert f'morphc/batch-size: "{ann.batch}"' in pod.read_text()
     assert "![convergence]" in report.read_text() and report.with_suffix(".png").exists()
+
+
+class _Halve(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5
+
+
+def test_flush_denormal_flushes_subnormals_while_active_and_changes_nothing_else() -> None:
+    """Serving with flush_denormal: a subnormal result is zero while the config is active (eager and ONNX
+    Runtime), normal values are bit-identical, and the process's own mode comes back on exit."""
+    x = torch.tensor([[3e-39, 1.5, -2.0, 4e-38]])
+    program = mc.lower(_Halve().eval(), (x,))
+    out = program.outputs[0].name
+    plain = program(x)[out]
+    assert plain[0, 0] != 0  # a subnormal result without flushing
+    assert not serving.flush_denormal_enabled()
+    for backend in ("eager", "onnxruntime"):
+        runner = serving.build_runner(program, ServingConfig(batch=1, threads=1, backend=backend, flush_denormal=True))
+        with runner.activate():
+            assert serving.flush_denormal_enabled()
+            flushed = runner(x)[out]
+        assert not serving.flush_denormal_enabled()
+        assert flushed[0, 0] == 0, backend
+        assert torch.equal(flushed[0, 1:], plain[0, 1:]), backend
+    ort = serving.build_runner(program, ServingConfig(batch=1, threads=1, backend="onnxruntime", flush_denormal=True))
+    assert ort.session.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
+    assert 'morphc/flush-denormal: "true"' in serving.deployment_snippet(ort.config)
+
+
+def test_flush_denormal_is_refused_where_it_means_nothing(program) -> None:
+    p = program.clone()
+    p.annotate(ServingConfig(batch=4, threads=1, device="cuda", flush_denormal=True))
+    with pytest.raises(VerificationError, match="flush_denormal is a CPU knob"):
+        mc.verify(p)
+    with pytest.raises(TuningError, match="flush_denormal is a CPU knob"):
+        gpu_space().with_flush(True)
+
+
+def test_the_tuner_measures_and_annotates_with_flush_denormal(program, tuner, tmp_path) -> None:
+    db = RecordsDB(tmp_path / "records.sqlite")
+    ctx = PassContext(options={"tuner": tuner}, records=db)
+    out = PassManager("annotate-config{objective=throughput,budget=2,flush-denormal=true}").run(program, ctx)
+    ann = out.annotation(ServingConfig)
+    assert ann.flush_denormal and ann.trials == 2
+    keys = [r.config for r in db.query(kind="serving-latency")]
+    assert keys and all(k.get("flush_denormal") is True for k in keys)  # not mixed with unflushed measurements
+    plain = PassManager("annotate-config{objective=throughput,budget=2}").run(program, ctx)
+    assert not plain.annotation(ServingConfig).flush_denormal
+    assert any("flush_denormal" not in r.config for r in db.query(kind="serving-latency"))
+
+
+def test_flushing_reaches_every_intra_op_thread() -> None:
+    """torch.set_flush_denormal alone sets the calling thread's mode: a 2-thread multiply then flushed half
+    its output. `set_flush_denormal` sets it on the whole OpenMP team, and clears it there again."""
+    from morphc.runtime.denormals import set_flush_denormal
+
+    x = torch.full((4_000_000,), 3e-39)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.set_flush_denormal(True)
+        partial = float(((x * 0.5) != 0).float().mean())
+        set_flush_denormal(True)
+        everywhere = float(((x * 0.5) != 0).float().mean())
+        set_flush_denormal(False)
+        cleared = float(((x * 0.5) != 0).float().mean())
+    finally:
+        set_flush_denormal(False)
+        torch.set_num_threads(previous)
+    assert 0.0 < partial < 1.0  # what the torch call alone does: the worker thread's half is not flushed
+    assert everywhere == 0.0 and cleared == 1.0

@@ -121,7 +121,9 @@ class ServingConfig(Annotation):
 
     `pipeline` is pass pipeline text the runtime applies before serving ("" = none);
     `backend_options` is a tuple of (name, value) pairs; `sm_share` / `time_quota` are GPU knobs
-    (CUDA MPS active-thread percentage, FaST-GShare time quota) and stay None on CPU.
+    (CUDA MPS active-thread percentage, FaST-GShare time quota) and stay None on CPU;
+    `flush_denormal` serves with subnormal floats flushed to zero (x86 FTZ/DAZ: Intel CPUs compute on
+    subnormals through slow microcode assists; only values below 1.2e-38 change).
     """
 
     batch: int
@@ -132,6 +134,7 @@ class ServingConfig(Annotation):
     backend_options: tuple[tuple[str, Any], ...] = ()
     sm_share: int | None = None
     time_quota: float | None = None
+    flush_denormal: bool = False
     objective: str = "throughput-per-core"
     slo_ms: float | None = None
     latency_ms: float | None = None  # measured under this config (per batch)
@@ -166,6 +169,11 @@ class ServingConfig(Annotation):
                             f"on {self.device}")
         if self.time_quota is not None and (self.device != "cuda" or not 0 < self.time_quota <= 1):
             problems.append(f"time_quota is a share in (0, 1] on device cuda, got {self.time_quota!r} on {self.device}")
+        if not isinstance(self.flush_denormal, bool):
+            problems.append(f"flush_denormal must be true or false, got {self.flush_denormal!r}")
+        elif self.flush_denormal and self.device != "cpu":
+            problems.append("flush_denormal is a CPU knob (x86 FTZ/DAZ), got it on device "
+                            f"{self.device}; valid there: false")
         if self.slo_ms is not None and self.slo_ms <= 0:
             problems.append(f"slo_ms must be > 0, got {self.slo_ms}")
         leading = {spec.shape[0] for spec in program.inputs if len(spec.shape) >= 1}

@@ -37,7 +37,7 @@ class ConfigTuner(Protocol):
     """What the pass needs from `ctx.options["tuner"]`."""
 
     def tune(self, program: Program, *, slo_ms: float | None, objective: str, budget: int, strategy: str,
-             seed: int, records: Any, cost_model: Any, rebatch: bool) -> TunerOutcome: ...
+             seed: int, records: Any, cost_model: Any, rebatch: bool, flush_denormal: bool) -> TunerOutcome: ...
 
 
 class MissingTunerError(MorphcError):
@@ -63,6 +63,8 @@ class AnnotateConfig(Pass):
     seed: int = option(0, "seed of the tuner (tie-breaking, baselines)")
     rebatch: bool = option(False, "search other batch sizes too and return the program lowered at the chosen one "
                                   "(needs a tuner with a model source; earlier rewrites are not replayed on it)")
+    flush_denormal: bool = option(False, "measure and serve with subnormal floats flushed to zero (CPU FTZ/DAZ): "
+                                         "Intel CPUs compute on subnormals through slow microcode assists")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         tuner = ctx.options.get("tuner")
@@ -75,7 +77,7 @@ class AnnotateConfig(Pass):
             raise MorphcError(f"option 'budget' of pass 'annotate-config' must be >= 1, got {self.budget}")
         outcome = tuner.tune(program, slo_ms=self.slo_ms or None, objective=self.objective, budget=self.budget,
                              strategy=self.strategy, seed=self.seed, records=ctx.records, cost_model=ctx.cost_model,
-                             rebatch=self.rebatch)
+                             rebatch=self.rebatch, flush_denormal=self.flush_denormal)
         chosen = outcome.program
         for kind, ann in program.annotations.items():  # a re-lowered program keeps the program-level history
             if chosen is not program and kind not in chosen.annotations:

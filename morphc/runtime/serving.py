@@ -5,6 +5,8 @@ configuration means the same thing when it is measured and when it is deployed:
 
 - threads: `torch.set_num_threads` for eager, the session's intra-op pool for ONNX Runtime
   (`Runner.activate()` sets the process-wide values and restores them on exit);
+- flush_denormal: subnormal floats flushed to zero, on every intra-op thread for eager
+  (`morphc.runtime.denormals`), by the session option `session.set_denormal_as_zero` for ONNX Runtime;
 - backend options: ONNX Runtime graph optimization level, execution mode, inter-op threads and
   thread spinning, as `SessionOptions`; `pipeline` is pass pipeline text run before serving;
 - batch: a `Batcher` groups single requests into batches of the configured size (programs have
@@ -29,6 +31,7 @@ from morphc.errors import MorphcError
 from morphc.ir.annotations import ServingConfig
 from morphc.ir.program import Program
 from morphc.ir.verifier import verify
+from morphc.runtime.denormals import flush_denormal_enabled, set_flush_denormal
 
 MPS_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
@@ -75,6 +78,8 @@ def ort_session_options(config: ServingConfig) -> Any:
     parallel = opts.get("execution_mode", "sequential") == "parallel"
     so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = int(opts.get("inter_op_threads", 1)) if parallel else 1
+    if config.flush_denormal:
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
     spin = "1" if opts.get("allow_spinning", True) else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -111,12 +116,14 @@ class Runner:
     def activate(self) -> Iterator[Runner]:
         """Set the process-wide knobs (torch threads, environment) for the duration of the block."""
         previous_threads = torch.get_num_threads()
+        previous_flush = flush_denormal_enabled()
         previous_env = {k: os.environ.get(k) for k in environment(self.config)}
         apply(self.config)
         try:
             yield self
         finally:
             torch.set_num_threads(previous_threads)
+            set_flush_denormal(previous_flush)
             for key, value in previous_env.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -138,7 +145,9 @@ def apply(config: ServingConfig) -> None:
         raise ServingError(f"{MPS_ENV} must be set before the process creates its CUDA context, but CUDA is "
                            "already initialized: apply the serving config (or export the environment) at start-up")
     torch.set_num_threads(config.threads)
+    set_flush_denormal(config.flush_denormal)
     os.environ.update(environment(config))
+
 
 
 def build_runner(program: Program, config: ServingConfig | None = None, *, onnx_model: bytes | None = None) -> Runner:
@@ -210,6 +219,8 @@ def deployment_snippet(config: ServingConfig, name: str = "morphc-model") -> str
                    "morphc/threads": str(config.threads)}
     for key, value in config.backend_options:
         annotations[f"morphc/{config.backend}-{key.replace('_', '-')}"] = str(value).lower()
+    if config.flush_denormal:
+        annotations["morphc/flush-denormal"] = "true"
     if config.slo_ms is not None:
         annotations["morphc/slo-ms"] = f"{config.slo_ms:g}"
     if config.device == "cuda":

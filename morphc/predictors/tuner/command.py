@@ -37,6 +37,8 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--executor", default="local", help="where trials run: local | ray")
     t.add_argument("--repeats", type=int, default=9, help="timed runs per configuration (median)")
     t.add_argument("--lock", default=None, help="flock this file while measuring (shared machines)")
+    t.add_argument("--flush-denormal", action="store_true",
+                   help="measure and serve with subnormal floats flushed to zero (CPU FTZ/DAZ)")
     t.add_argument("-o", "--output", help="save the annotated program here (.safetensors)")
     t.add_argument("--report", help="write a Markdown report with a convergence plot here")
     t.add_argument("--deploy", help="write the deployment snippet (pod annotations) here")
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace, program: Program, console: Console) -> int:
                             lock=args.lock, on_trial=on_trial)
         records = RecordsDB(args.records)
         pipeline = (f"annotate-config{{slo-ms={args.slo_ms!r},objective={args.objective},budget={args.budget},"
-                    f"strategy={args.strategy},seed={args.seed},rebatch={'true' if rebatch else 'false'}}}")
+                    f"strategy={args.strategy},seed={args.seed},rebatch={'true' if rebatch else 'false'},"
+                    f"flush-denormal={'true' if args.flush_denormal else 'false'}}}")
         tuned = PassManager(pipeline).run(program, PassContext(options={"tuner": tuner}, records=records))
     if args.meta and meta is None and tuner.meta is not None:
         tuner.meta.save(args.meta)

@@ -86,8 +86,9 @@ class ConfigTuner:
 
     def tune(self, program: Program, *, slo_ms: float | None, objective: str, budget: int,
              strategy: str = "morphling", seed: int = 0, records: Any = None, cost_model: Any = None,
-             delta: float = 0.5, rebatch: bool = True) -> TuneOutcome:
-        """Tune `program`; with `rebatch` and a source, every batch of the space is searched."""
+             delta: float = 0.5, rebatch: bool = True, flush_denormal: bool = False) -> TuneOutcome:
+        """Tune `program`; with `rebatch` and a source, every batch of the space is searched; with
+        `flush_denormal` every config is measured, and the chosen one served, with subnormals flushed."""
         db = records if isinstance(records, RecordsDB) else RecordsDB(records or ":memory:")
         source = ModelSource(self.source) if self.source else None
         base = source.program(1) if source and rebatch else program
@@ -95,6 +96,7 @@ class ConfigTuner:
         if not rebatch:
             source = None
         space = self.space if source else self.space.restrict(batches=[_program_batch(program)])
+        space = space.with_flush(flush_denormal)
         device = device_fingerprint("cpu")
         if not space.measurable_here:
             raise TuningError(f"space '{space.name}' cannot be measured here: {'; '.join(space.notes)}")

@@ -23,6 +23,7 @@ is what a request waits for when the batch fills at once) exceeds the SLO is inf
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,10 +63,13 @@ class TuningConfig:
     device: str = "cpu"
     sm_share: int | None = None
     time_quota: float | None = None
+    flush_denormal: bool = False  # not a dimension of the spaces: a tuning run sets it for all (`with_flush`)
 
     def key(self) -> dict[str, Any]:
-        """The records-database key (only the fields that are set)."""
-        return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
+        """The records-database key (only the fields that are set; flush_denormal only when on, so the
+        keys stored before it existed keep their meaning)."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None and v != "" and not (k == "flush_denormal" and not v)}
 
     @staticmethod
     def from_key(key: dict[str, Any]) -> TuningConfig:
@@ -81,7 +85,8 @@ class TuningConfig:
     def to_serving(self, **extra: Any) -> ServingConfig:
         return ServingConfig(batch=self.batch, threads=self.threads, backend=self.backend, device=self.device,
                              pipeline=self.pipeline, backend_options=self.backend_options(),
-                             sm_share=self.sm_share, time_quota=self.time_quota, **extra)
+                             sm_share=self.sm_share, time_quota=self.time_quota,
+                             flush_denormal=self.flush_denormal, **extra)
 
     def cores(self) -> int:
         extra = (self.inter_op_threads or 1) - 1 if self.execution_mode == "parallel" else 0
@@ -91,10 +96,11 @@ class TuningConfig:
         if self.device == "cuda":
             return f"b{self.batch} sm{self.sm_share}% q{self.time_quota}"
         head = f"b{self.batch} t{self.threads} "
+        tail = " ftz" if self.flush_denormal else ""
         if self.backend == "eager":
-            return head + ("eager+opt" if self.pipeline else "eager")
+            return head + ("eager+opt" if self.pipeline else "eager") + tail
         mode = "seq" if self.execution_mode == "sequential" else f"par{self.inter_op_threads}"
-        return head + f"ort {self.optimization} {mode}{' spin' if self.allow_spinning else ''}"
+        return head + f"ort {self.optimization} {mode}{' spin' if self.allow_spinning else ''}" + tail
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,16 @@ class TuningSpace:
             raise TuningError(f"no config of space '{self.name}' has batch in {sorted(allowed or [])}; "
                               f"batches: {sorted({c.batch for c in self.configs})}")
         return TuningSpace(f"{self.name}[batch={','.join(map(str, sorted(allowed or [])))}]", kept,
+                           self.measurable_here, self.notes)
+
+    def with_flush(self, on: bool) -> TuningSpace:
+        """The same space with every config serving with subnormals flushed (or not): the meta-model's
+        features stay the same, the measurements and the chosen annotation carry the knob."""
+        if not on:
+            return self
+        if not self.measurable_here or any(c.device != "cpu" for c in self.configs):
+            raise TuningError(f"flush_denormal is a CPU knob; space '{self.name}' is not a CPU space")
+        return TuningSpace(f"{self.name}+ftz", tuple(dataclasses.replace(c, flush_denormal=True) for c in self.configs),
                            self.measurable_here, self.notes)
 
     def features(self) -> np.ndarray:
