@@ -25,6 +25,7 @@ from morphc.predictors.spaces import (
     GpuConfig,
     parse_config,
 )
+from morphc.runtime.denormals import flush_denormal_enabled
 
 
 def _program(batch: int = 2) -> morphc.Program:
@@ -34,7 +35,7 @@ def _program(batch: int = 2) -> morphc.Program:
 
 
 def test_cpu_space_declares_how_knobs_are_applied() -> None:
-    assert [k.name for k in CPU.knobs] == ["batch", "threads"]
+    assert [k.name for k in CPU.knobs] == ["batch", "threads", "flush_denormal"]
     assert all(k.applied and k.measurable_here for k in CPU.knobs)
     assert {k.name for k in GPU.knobs} == {"batch", "sm_share", "time_quota"}
     assert not any(k.measurable_here for k in GPU.knobs)
@@ -48,7 +49,11 @@ def test_cpu_space_declares_how_knobs_are_applied() -> None:
 def test_parse_config_and_its_errors() -> None:
     assert parse_config("batch=8, threads=2") == CpuConfig(threads=2, batch=8)
     assert parse_config("sm_share=50,time_quota=0.5", "cuda") == GpuConfig(sm_share=50, time_quota=0.5)
-    with pytest.raises(ConfigError, match=r"no knob\(s\) \['cores'\]; valid knobs: \['batch', 'threads'\]"):
+    assert parse_config("threads=2,flush_denormal=true") == CpuConfig(threads=2, flush_denormal=True)
+    with pytest.raises(ConfigError, match="flush_denormal must be true or false, got 1"):
+        parse_config("flush_denormal=1")
+    with pytest.raises(ConfigError, match=r"no knob\(s\) \['cores'\]; valid knobs: \['batch', 'flush_denormal', "
+                                          r"'threads'\]"):
         parse_config("cores=2")
     with pytest.raises(ConfigError, match="must be knob=value"):
         parse_config("threads")
@@ -68,8 +73,9 @@ def test_batch_is_a_property_of_the_program_and_gpu_is_refused() -> None:
 def test_interleaved_profile_restores_threads_and_reports_load() -> None:
     program = _program()
     before = torch.get_num_threads()
-    stats = profile_interleaved(program, [CpuConfig(threads=1), CpuConfig(threads=2)], target_s=0.01, min_runs=5)
-    assert torch.get_num_threads() == before
+    stats = profile_interleaved(program, [CpuConfig(threads=1), CpuConfig(threads=2, flush_denormal=True)],
+                                target_s=0.01, min_runs=5)
+    assert torch.get_num_threads() == before and not flush_denormal_enabled()
     assert len(stats) == 2 and all(s.runs >= 5 and s.median_ms > 0 for s in stats)
     assert all(s.p10_ms <= s.median_ms <= s.p90_ms for s in stats)
 
@@ -207,3 +213,26 @@ def test_a_variant_is_lowered_from_its_own_builder_not_one_of_the_same_name_buil
     first = dataset.lowered(wider, 1)
     second = dataset.lowered(_tiny_variant(4), 1)
     assert len(first.graph_module.graph.nodes) > len(second.graph_module.graph.nodes)
+
+
+def test_the_flushed_protocol_is_kept_apart_and_read_as_one(tmp_path: Path) -> None:
+    """Latencies measured with subnormals flushed go under their own keys: both protocols live in one
+    database, each is resumed and read on its own, a mixed read is refused, and training records which."""
+    from morphc.predictors.cost_model import CostModelWarning, TrainItem, train
+
+    db = RecordsDB(tmp_path / "corpus.sqlite")
+    variants = [_tiny_variant(4)]
+    assert collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001) == 1
+    assert load_samples(db)[0].config.flush_denormal is False  # the one protocol it has
+    assert collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001, flush_denormal=True) == 1
+    assert collect_corpus(db, variants, batches=(1,), show_progress=False, target_s=0.001, flush_denormal=True) == 0
+    with pytest.raises(RecordsError, match="both with and without subnormals flushed"):
+        load_samples(db)
+    flushed = load_samples(db, flush_denormal=True)
+    assert len(flushed) == 2 and all(s.config.flush_denormal and s.runtime is not None for s in flushed)
+    assert len(load_samples(db, flush_denormal=False)) == 2
+    items = [TrainItem(s.graph, s.config, s.latency_ms, s.runtime) for s in flushed]
+    model, _ = train(items, steps=2, members=1, show_progress=False)
+    assert model.meta["flush_denormal"] is True
+    with pytest.warns(CostModelWarning, match="measured with subnormals flushed to zero, the query asks for"):
+        model.predict_ms(dataset.lowered(variants[0], 1), CpuConfig(threads=1))

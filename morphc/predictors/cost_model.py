@@ -217,7 +217,7 @@ class CostModel:
     # an operator name no training graph had is predicted as if its name were hidden (see _hide_op_names)
     hide_unseen_ops: bool = True
     _graphs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
-    _warned: bool = field(default=False, repr=False)
+    _warned: set[str] = field(default_factory=set, repr=False)  # the warnings given (each once)
     _forward: Callable[..., tuple[jax.Array, jax.Array]] | None = field(default=None, repr=False)
 
     @property
@@ -229,8 +229,17 @@ class CostModel:
             raise CostModelError(f"this cost model was trained on '{self.device_kind}' measurements and cannot "
                                  f"predict a {type(config).__name__} ({config.device}); load a {config.device} "
                                  "checkpoint (train one with `morphc train-cost-model`)")
-        if self.device_kind == "cpu" and not self._warned and self.meta["device_fingerprint"] != device_fingerprint():
-            self._warned = True
+        if self.device_kind != "cpu":
+            return
+        trained_flushed = bool(self.meta.get("flush_denormal", False))
+        if config.flush_denormal != trained_flushed and "flush" not in self._warned:  # type: ignore[union-attr]
+            self._warned.add("flush")
+            protocol = {True: "with subnormals flushed to zero", False: "without flushing subnormals"}
+            warnings.warn(f"cost model was trained on latencies measured {protocol[trained_flushed]}, the query "
+                          f"asks for {protocol[not trained_flushed]}: predictions are for the former (they differ "
+                          "where a program computes on subnormals, on Intel CPUs)", CostModelWarning, stacklevel=3)
+        if "machine" not in self._warned and self.meta["device_fingerprint"] != device_fingerprint():
+            self._warned.add("machine")
             warnings.warn(f"cost model describes '{self.meta['device_fingerprint']}', this machine is "
                           f"'{device_fingerprint()}': predictions are for the former (retrain with "
                           "`morphc profile --corpus` + `morphc train-cost-model` for this one)",
@@ -479,10 +488,14 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
                             else _node_targets(it.graph, it.runtime[:, column]))
     targets = np.log(np.asarray([it.latency_ms for it in items], dtype=np.float32))
     seen = np.any([q.x[:, VOCAB_COLUMNS].any(axis=0) for q in without_rt], axis=0)
+    flushed = {bool(getattr(it.config, "flush_denormal", False)) for it in items}
+    if len(flushed) > 1:
+        raise ValueError("train() fits one measurement protocol; the items mix latencies measured with and without "
+                         "subnormals flushed (load_samples(..., flush_denormal=...) reads one)")
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
             "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
-            "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit],
+            "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit], "flush_denormal": flushed.pop(),
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                         "members": members, "node_loss": node_loss, "groups": sorted({it.group for it in items}),
                         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}}

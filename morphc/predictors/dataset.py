@@ -18,6 +18,7 @@ A GPU profile (collected by `gpu_collect` on the machine with the GPU) has the s
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,19 +69,21 @@ def lowered(v: Variant, batch: int, cache_dir: str | Path | None = None) -> Prog
     return program
 
 
-def _latency_key(batch: int, threads: int, repeat: int = 0) -> dict[str, int]:
+def _latency_key(batch: int, threads: int, repeat: int = 0, flush_denormal: bool = False) -> dict[str, Any]:
     """The records-database config of a latency measurement; repeat passes (1, 2, ...) add their number."""
-    return {"batch": batch, "threads": threads, **({"pass": repeat} if repeat else {})}
+    key = CpuConfig(threads=threads, batch=batch, flush_denormal=flush_denormal).as_record()
+    return {**key, **({"pass": repeat} if repeat else {})}
 
 
 def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: str, ops: bool,
-          repeat: int = 0) -> bool:
+          repeat: int = 0, flush_denormal: bool = False) -> bool:
     rec = db.get(CORPUS, name, STATIC, {"batch": batch})
     if rec is None:
         return False
     fp = rec.stats["fingerprint"]
     kinds = (LATENCY, OP_LATENCY) if ops else (LATENCY,)  # repeat passes measure no per-op profile (ops=False)
-    return all(db.get(k, fp, device, _latency_key(batch, t, repeat)) is not None for k in kinds for t in threads)
+    return all(db.get(k, fp, device, _latency_key(batch, t, repeat if k == LATENCY else 0, flush_denormal))
+               is not None for k in kinds for t in threads)
 
 
 MAX_SPREAD = 2.0  # p90/p10 above this: the measurement was disturbed (other processes), measure again
@@ -124,18 +127,20 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
                    threads: Sequence[int] = (1, 2), ops: bool = True, lock: str | None = None,
                    show_progress: bool = True, target_s: float = 0.1, retries: int = 1,
                    cache_dir: str | Path | None = None, prepare_only: bool = False,
-                   lock_chunk_s: float = 120.0, repeat: int = 0) -> int:
+                   lock_chunk_s: float = 120.0, repeat: int = 0, flush_denormal: bool = False) -> int:
     """Profile every (variant, batch) not yet complete in `db`; returns how many were measured now.
 
     With `cache_dir`, lowered programs are saved there and reused (`prepare_only` just fills the
     cache: lowering needs no quiet machine, so it can run while another job holds the timing lock).
     `repeat` > 0 measures the end-to-end latencies again as pass number `repeat` (kept beside the
     first pass; no per-op profile): on shared machines a program's latency drifts between sessions
-    by more than within one, and `load_samples` learns the median over the passes.
+    by more than within one, and `load_samples` learns the median over the passes. `flush_denormal`
+    measures the flushed protocol (subnormals flushed on every thread), kept under its own keys.
     """
     device = device_fingerprint("cpu")
     ops = ops and not repeat
-    todo = [(v, b) for v in variants for b in batches if not _done(db, v.name, b, threads, device, ops, repeat)]
+    todo = [(v, b) for v in variants for b in batches
+            if not _done(db, v.name, b, threads, device, ops, repeat, flush_denormal)]
     measured = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     chunk = TimingLock(lock, max_hold_s=lock_chunk_s)
@@ -152,16 +157,16 @@ def collect_corpus(db: RecordsDB, variants: Sequence[Variant], *, batches: Seque
             fp = program_fingerprint(program)
             graph = extract(program)
             db.put(OPGRAPH, fp, STATIC, {}, graph.to_json())
-            configs = [CpuConfig(threads=t, batch=batch) for t in threads]
+            configs = [CpuConfig(threads=t, batch=batch, flush_denormal=flush_denormal) for t in threads]
             with chunk.chunk():
                 stats, attempts = _stable_measurement(program, configs, target_s, retries)
-                per_op = {t: profile_ops(program, CpuConfig(threads=t), repeats=3) for t in threads} if ops else {}
+                per_op = {c.threads: profile_ops(program, c, repeats=3) for c in configs} if ops else {}
             for config, s in zip(configs, stats):
-                db.put(LATENCY, fp, device, _latency_key(batch, config.threads, repeat),
+                db.put(LATENCY, fp, device, _latency_key(batch, config.threads, repeat, flush_denormal),
                        {**asdict(s), "attempts": attempts, "unstable": _spread(s) > MAX_SPREAD})
             for t, times in per_op.items():
                 ms = [round(times.get(n, 0.0), 5) for n in graph.names]
-                db.put(OP_LATENCY, fp, device, _latency_key(batch, t), {"ms": ms})
+                db.put(OP_LATENCY, fp, device, _latency_key(batch, t, 0, flush_denormal), {"ms": ms})
             if not repeat:
                 db.put(CORPUS, v.name, STATIC, {"batch": batch},
                        {"fingerprint": fp, "family": v.family, "spec": v.spec})
@@ -245,7 +250,19 @@ def gpu_device(db: RecordsDB) -> str:
     return found[0]
 
 
-def load_samples(db: RecordsDB | str | Path, device: str | None = None, statistic: str = STATISTIC) -> list[Sample]:
+def flush_protocol(db: RecordsDB, device: str) -> bool:
+    """Whether `db`'s CPU latencies of `device` were measured with subnormals flushed (the one protocol
+    they have; a database holding both must be read with `flush_denormal=` named)."""
+    found = {bool(json.loads(key).get("flush_denormal", False)) for (key,) in db.conn.execute(
+        "SELECT DISTINCT config FROM records WHERE kind=? AND device=?", (LATENCY, device))}
+    if len(found) > 1:
+        raise RecordsError(f"'{db.path}' holds latencies measured both with and without subnormals flushed; "
+                           f"read one protocol: load_samples(..., flush_denormal=True or False)")
+    return found.pop() if found else False
+
+
+def load_samples(db: RecordsDB | str | Path, device: str | None = None, statistic: str = STATISTIC,
+                 flush_denormal: bool | None = None) -> list[Sample]:
     """Every complete latency sample of the corpus in `db` for `device` (default: this machine, or the one CPU
     `db` describes, see `cpu_device`; "cuda": the GPU profile in `db`, see `gpu_device`); a config measured in
     several passes (`collect_corpus(repeat=...)`) gives one sample, their median.
@@ -253,7 +270,7 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
     `statistic` is the latency learned: by default the 10th percentile of the interleaved runs, the
     latency of a program that has its cores (on cores shared with other jobs, the median also
     measures how busy the machine was: the recorded load averages were 4-5 on 2 cores). "median_ms"
-    is the alternative.
+    is the alternative. `flush_denormal`: which measurement protocol to read (default: the one `db` has).
     """
     if statistic not in ("p10_ms", "median_ms", "mean_ms", "p90_ms"):
         raise ValueError(f"statistic must be one of p10_ms, median_ms, mean_ms, p90_ms; got {statistic!r}")
@@ -265,6 +282,7 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
         device = gpu_device(db)
     device = device or cpu_device(db)
     gpu = device.startswith("cuda")
+    flush = False if gpu else flush_protocol(db, device) if flush_denormal is None else flush_denormal
     graphs: dict[str, OpGraph] = {}
     samples: list[Sample] = []
     for rec in db.query(kind=CORPUS):
@@ -282,7 +300,7 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
         if gpu:
             samples += _gpu_samples(db, rec, graph, device, statistic)
             continue
-        ops = {t: db.get(OP_LATENCY, fp, device, _latency_key(batch, t)) for t in (1, 2)}
+        ops = {t: db.get(OP_LATENCY, fp, device, _latency_key(batch, t, 0, flush)) for t in (1, 2)}
         runtime = None
         if all(o is not None for o in ops.values()):
             runtime = np.stack([np.asarray(ops[t].stats["ms"], dtype=np.float64) for t in (1, 2)], axis=1)
@@ -290,10 +308,12 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
                 raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
         passes: dict[tuple[int, int], list[Any]] = {}  # (batch, threads) -> records, first pass first
         for lat in sorted(db.query(kind=LATENCY, model=fp, device=device), key=lambda r: r.config.get("pass", 0)):
+            if bool(lat.config.get("flush_denormal", False)) != flush:
+                continue
             passes.setdefault((int(lat.config["batch"]), int(lat.config["threads"])), []).append(lat)
         single = [float(r.stats[statistic]) for (_, t), rs in passes.items() if t == 1 for r in rs[:1]]
         for (batch_, threads), lats in passes.items():
-            config = CpuConfig(threads=threads, batch=batch_)
+            config = CpuConfig(threads=threads, batch=batch_, flush_denormal=flush)
             values = [float(r.stats[statistic]) for r in lats]
             if not all(np.isfinite(v) and v > 0 for v in values):
                 raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {values}")

@@ -9,7 +9,8 @@ database are skipped, each new one is committed as soon as it is measured, and a
 shows where it is.
 
 How each knob is applied is declared in `morphc.predictors.spaces`: `threads` with
-`torch.set_num_threads` around the timed calls; `batch` is a property of the Program (static
+`torch.set_num_threads` around the timed calls, `flush_denormal` on every intra-op thread
+(`morphc.runtime.denormals`, as serving applies it); `batch` is a property of the Program (static
 shapes), so a config whose batch differs from the Program's is refused, not silently ignored.
 A GpuConfig is measured by `gpu_profiler` (the program moved to the GPU, CUDA-event per-op times)
 where this process can: a CUDA device, and the SM share its MPS context was started with;
@@ -18,10 +19,11 @@ otherwise it is refused with `DeviceUnavailableError` saying why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from morphc.ir.program import Program
 from morphc.predictors.records import RecordsDB, device_fingerprint, program_fingerprint
 from morphc.predictors.spaces import CpuConfig, DeviceUnavailableError, GpuConfig
+from morphc.runtime.denormals import flush_denormal_enabled, set_flush_denormal
 
 __all__ = ["LATENCY", "OP_LATENCY", "CpuConfig", "LatencyStats", "collect", "measure", "profile_ops",
            "profile_interleaved", "profile_program", "program_batch", "resolve_config"]
@@ -127,13 +130,24 @@ def profile_program(program: Program, config: CpuConfig | GpuConfig, *, warmup: 
         return gpu_profiler.profile_program_gpu(moved, config, backend, warmup=warmup, min_runs=repeats,
                                                 max_runs=max(repeats, 200))
     config = _check_measurable(resolve_config(program, config))
-    previous = torch.get_num_threads()
+    with applied(config), torch.no_grad():
+        return measure(lambda: program(*program.example_inputs), warmup=warmup, repeats=repeats)
+
+
+def _apply(config: CpuConfig) -> None:
     torch.set_num_threads(config.threads)
+    set_flush_denormal(config.flush_denormal)  # after the thread count: it reaches that OpenMP team
+
+
+@contextlib.contextmanager
+def applied(config: CpuConfig) -> Iterator[None]:
+    """Apply `config`'s knobs (threads, flushing subnormals) for the block, as serving applies them."""
+    previous = CpuConfig(threads=torch.get_num_threads(), flush_denormal=flush_denormal_enabled())
+    _apply(config)
     try:
-        with torch.no_grad():
-            return measure(lambda: program(*program.example_inputs), warmup=warmup, repeats=repeats)
+        yield
     finally:
-        torch.set_num_threads(previous)
+        _apply(previous)
 
 
 def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmup: int = 3, per_round: int = 5,
@@ -145,34 +159,30 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
     a GPU's SM share is fixed per process, so GPU configs cannot be interleaved in one.
     """
     resolved = [_check_measurable(resolve_config(program, c)) for c in configs]
-    previous = torch.get_num_threads()
     load_before = _load()
     samples: list[list[float]] = [[] for _ in resolved]
-    try:
-        with torch.no_grad():
-            call = lambda: program(*program.example_inputs)  # noqa: E731
-            one = []
-            for config in resolved:
-                torch.set_num_threads(config.threads)
-                for _ in range(warmup):
-                    call()
-                calib = []
-                for _ in range(3):
+    with applied(resolved[0]), torch.no_grad():
+        call = lambda: program(*program.example_inputs)  # noqa: E731
+        one = []
+        for config in resolved:
+            _apply(config)
+            for _ in range(warmup):
+                call()
+            calib = []
+            for _ in range(3):
+                start = time.perf_counter()
+                call()
+                calib.append(time.perf_counter() - start)
+            one.append(statistics.median(calib))
+        runs = int(min(max(target_s / max(max(one), 1e-6), min_runs), max_runs))
+        for _ in range(max(1, -(-runs // per_round))):
+            for i, config in enumerate(resolved):
+                _apply(config)
+                call()  # first call after a thread change pays the pool wake-up: not timed
+                for _ in range(per_round):
                     start = time.perf_counter()
                     call()
-                    calib.append(time.perf_counter() - start)
-                one.append(statistics.median(calib))
-            runs = int(min(max(target_s / max(max(one), 1e-6), min_runs), max_runs))
-            for _ in range(max(1, -(-runs // per_round))):
-                for i, config in enumerate(resolved):
-                    torch.set_num_threads(config.threads)
-                    call()  # first call after a thread change pays the pool wake-up: not timed
-                    for _ in range(per_round):
-                        start = time.perf_counter()
-                        call()
-                        samples[i].append((time.perf_counter() - start) * 1e3)
-    finally:
-        torch.set_num_threads(previous)
+                    samples[i].append((time.perf_counter() - start) * 1e3)
     return [_summarize(s, load_before) for s in samples]
 
 
@@ -248,12 +258,8 @@ def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int 
         moved, _ = gpu_profiler.to_device(program, backend)
         return gpu_profiler.profile_ops_gpu(moved, config, backend, warmup=warmup, repeats=repeats)
     config = _check_measurable(resolve_config(program, config))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with applied(config):
         return OpTimer(program.graph_module).medians(program.example_inputs, warmup=warmup, repeats=repeats)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def collect(programs: Sequence[Program], configs: Iterable[CpuConfig | GpuConfig], db: RecordsDB, *,

@@ -5,7 +5,8 @@ when profiling, and *how each knob is applied when measuring* (the profiler and 
 read the same declaration, so a config means the same thing at collection and prediction time).
 
 CPU (measured here): batch size (the Program is lowered with example inputs of that batch: shapes
-are static) and intra-op threads (`torch.set_num_threads`). GPU (RaPP's and FaST-GShare's space):
+are static), intra-op threads (`torch.set_num_threads`) and flushing subnormals to zero (on every
+intra-op thread, `morphc.runtime.denormals`). GPU (RaPP's and FaST-GShare's space):
 batch size, SM share (the MPS active-thread percentage, `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, read
 by CUDA when the process creates its context, so one process measures one share:
 `gpu_collect` starts one worker per share under an MPS daemon) and time quota (the share of each
@@ -79,12 +80,16 @@ class Knob:
 
 @dataclass(frozen=True)
 class CpuConfig:
-    """A CPU serving config: intra-op `threads`, and `batch` (None: the Program's own batch)."""
+    """A CPU serving config: intra-op `threads`, `batch` (None: the Program's own batch), and whether
+    subnormal floats are flushed to zero (`flush_denormal`, as the serving knob of that name)."""
 
     threads: int = 1
     batch: int | None = None
+    flush_denormal: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.flush_denormal, bool):
+            raise ValueError(f"CpuConfig.flush_denormal must be true or false, got {self.flush_denormal!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"CpuConfig.threads must be >= 1, got {self.threads}")
         if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
@@ -93,11 +98,15 @@ class CpuConfig:
     device = "cpu"
 
     def with_batch(self, batch: int) -> CpuConfig:
-        return CpuConfig(threads=self.threads, batch=batch)
+        return CpuConfig(threads=self.threads, batch=batch, flush_denormal=self.flush_denormal)
 
     def as_record(self) -> dict[str, Any]:
-        """The records-database key of this config."""
-        return asdict(self)
+        """The records-database key of this config (flush_denormal only when on: the keys stored before
+        it existed keep their meaning)."""
+        key = asdict(self)
+        if not self.flush_denormal:
+            del key["flush_denormal"]
+        return key
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,9 @@ CPU = DeviceProfile(
     knobs=(
         Knob("batch", (1, 4, 8), "the Program is lowered with example inputs of this batch (static shapes)"),
         Knob("threads", (1, 2), "torch.set_num_threads(threads) around the timed calls, restored afterwards"),
+        Knob("flush_denormal", (False,), "subnormals flushed to zero on every intra-op thread around the timed "
+             "calls (morphc.runtime.denormals, as served); the corpus is collected unflushed unless "
+             "--flush-denormal"),
     ),
     description="eager torch on CPU cores shared with other processes",
     notes=("the 1-minute load average is stored with every measurement (other processes share the cores)",),
@@ -215,6 +227,9 @@ def parse_config(text: str, kind: str = "cpu") -> Config:
         key, sep, raw = part.partition("=")
         if not sep:
             raise ConfigError(f"config item '{part}' must be knob=value (e.g. 'batch=8,threads=2')")
+        if raw.strip().lower() in ("true", "false"):
+            values[key.strip()] = raw.strip().lower() == "true"
+            continue
         try:
             values[key.strip()] = int(raw)
         except ValueError:

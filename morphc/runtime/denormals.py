@@ -70,6 +70,8 @@ def set_flush_denormal(on: bool) -> None:
     if threads == 1:
         return
     parallel = _openmp_parallel()
+    if parallel is None and not on:
+        return  # no OpenMP team to clear: only this function sets it there, and it refuses where it cannot
     if parallel is None:
         raise DenormalModeError(f"flush_denormal={str(on).lower()} with {threads} threads: the OpenMP runtime of "
                                 "torch's intra-op threads (libgomp) is not loaded in this process, so the mode "
