@@ -82,8 +82,8 @@ def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: 
         return False
     fp = rec.stats["fingerprint"]
     kinds = (LATENCY, OP_LATENCY) if ops else (LATENCY,)  # repeat passes measure no per-op profile (ops=False)
-    return all(db.get(k, fp, device, _latency_key(batch, t, repeat if k == LATENCY else 0, flush_denormal))
-               is not None for k in kinds for t in threads)
+    return all(db.get(k, fp, device, _latency_key(batch, t, repeat, flush_denormal)) is not None
+               for k in kinds for t in threads)
 
 
 MAX_SPREAD = 2.0  # p90/p10 above this: the measurement was disturbed (other processes), measure again

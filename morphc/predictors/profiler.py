@@ -19,11 +19,10 @@ otherwise it is refused with `DeviceUnavailableError` saying why.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from morphc.ir.program import Program
 from morphc.predictors.records import RecordsDB, device_fingerprint, program_fingerprint
 from morphc.predictors.spaces import CpuConfig, DeviceUnavailableError, GpuConfig
-from morphc.runtime.denormals import flush_denormal_enabled, set_flush_denormal
+from morphc.runtime.denormals import set_threads_and_flush, threads_and_flush
 
 __all__ = ["LATENCY", "OP_LATENCY", "CpuConfig", "LatencyStats", "collect", "measure", "profile_ops",
            "profile_interleaved", "profile_program", "program_batch", "resolve_config"]
@@ -130,24 +129,8 @@ def profile_program(program: Program, config: CpuConfig | GpuConfig, *, warmup: 
         return gpu_profiler.profile_program_gpu(moved, config, backend, warmup=warmup, min_runs=repeats,
                                                 max_runs=max(repeats, 200))
     config = _check_measurable(resolve_config(program, config))
-    with applied(config), torch.no_grad():
+    with threads_and_flush(config.threads, config.flush_denormal), torch.no_grad():
         return measure(lambda: program(*program.example_inputs), warmup=warmup, repeats=repeats)
-
-
-def _apply(config: CpuConfig) -> None:
-    torch.set_num_threads(config.threads)
-    set_flush_denormal(config.flush_denormal)  # after the thread count: it reaches that OpenMP team
-
-
-@contextlib.contextmanager
-def applied(config: CpuConfig) -> Iterator[None]:
-    """Apply `config`'s knobs (threads, flushing subnormals) for the block, as serving applies them."""
-    previous = CpuConfig(threads=torch.get_num_threads(), flush_denormal=flush_denormal_enabled())
-    _apply(config)
-    try:
-        yield
-    finally:
-        _apply(previous)
 
 
 def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmup: int = 3, per_round: int = 5,
@@ -161,11 +144,11 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
     resolved = [_check_measurable(resolve_config(program, c)) for c in configs]
     load_before = _load()
     samples: list[list[float]] = [[] for _ in resolved]
-    with applied(resolved[0]), torch.no_grad():
+    with threads_and_flush(resolved[0].threads, resolved[0].flush_denormal), torch.no_grad():
         call = lambda: program(*program.example_inputs)  # noqa: E731
         one = []
         for config in resolved:
-            _apply(config)
+            set_threads_and_flush(config.threads, config.flush_denormal)
             for _ in range(warmup):
                 call()
             calib = []
@@ -177,7 +160,7 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
         runs = int(min(max(target_s / max(max(one), 1e-6), min_runs), max_runs))
         for _ in range(max(1, -(-runs // per_round))):
             for i, config in enumerate(resolved):
-                _apply(config)
+                set_threads_and_flush(config.threads, config.flush_denormal)
                 call()  # first call after a thread change pays the pool wake-up: not timed
                 for _ in range(per_round):
                     start = time.perf_counter()
@@ -258,7 +241,7 @@ def profile_ops(program: Program, config: CpuConfig | GpuConfig, *, warmup: int 
         moved, _ = gpu_profiler.to_device(program, backend)
         return gpu_profiler.profile_ops_gpu(moved, config, backend, warmup=warmup, repeats=repeats)
     config = _check_measurable(resolve_config(program, config))
-    with applied(config):
+    with threads_and_flush(config.threads, config.flush_denormal):
         return OpTimer(program.graph_module).medians(program.example_inputs, warmup=warmup, repeats=repeats)
 
 

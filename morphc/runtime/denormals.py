@@ -15,10 +15,11 @@ flushed; AMD EPYC computes them at full speed). Flushing changes only values bel
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -89,3 +90,21 @@ def set_flush_denormal(on: bool) -> None:
     if len(reached) != threads:
         raise DenormalModeError(f"flush_denormal={str(on).lower()}: the OpenMP team ran on {len(reached)} threads "
                                 f"where torch computes on {threads}; the mode is not the same on every thread")
+
+
+def set_threads_and_flush(threads: int, flush_denormal: bool) -> None:
+    """torch's intra-op thread count, then the flush mode on that team: in this order, so the mode
+    reaches the threads the count gives (what serving and the profiler both apply)."""
+    torch.set_num_threads(threads)
+    set_flush_denormal(flush_denormal)
+
+
+@contextlib.contextmanager
+def threads_and_flush(threads: int, flush_denormal: bool) -> Iterator[None]:
+    """`set_threads_and_flush` for the block; the process's own count and mode come back on exit."""
+    previous = (torch.get_num_threads(), flush_denormal_enabled())
+    set_threads_and_flush(threads, flush_denormal)
+    try:
+        yield
+    finally:
+        set_threads_and_flush(*previous)

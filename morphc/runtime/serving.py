@@ -31,7 +31,7 @@ from morphc.errors import MorphcError
 from morphc.ir.annotations import ServingConfig
 from morphc.ir.program import Program
 from morphc.ir.verifier import verify
-from morphc.runtime.denormals import flush_denormal_enabled, set_flush_denormal
+from morphc.runtime.denormals import flush_denormal_enabled, set_threads_and_flush
 
 MPS_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
@@ -115,15 +115,13 @@ class Runner:
     @contextlib.contextmanager
     def activate(self) -> Iterator[Runner]:
         """Set the process-wide knobs (torch threads, environment) for the duration of the block."""
-        previous_threads = torch.get_num_threads()
-        previous_flush = flush_denormal_enabled()
+        previous_modes = (torch.get_num_threads(), flush_denormal_enabled())
         previous_env = {k: os.environ.get(k) for k in environment(self.config)}
         apply(self.config)
         try:
             yield self
         finally:
-            torch.set_num_threads(previous_threads)
-            set_flush_denormal(previous_flush)
+            set_threads_and_flush(*previous_modes)
             for key, value in previous_env.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -144,8 +142,7 @@ def apply(config: ServingConfig) -> None:
     if config.device == "cuda" and config.sm_share is not None and torch.cuda.is_initialized():
         raise ServingError(f"{MPS_ENV} must be set before the process creates its CUDA context, but CUDA is "
                            "already initialized: apply the serving config (or export the environment) at start-up")
-    torch.set_num_threads(config.threads)
-    set_flush_denormal(config.flush_denormal)
+    set_threads_and_flush(config.threads, config.flush_denormal)
     os.environ.update(environment(config))
 
 
