@@ -119,7 +119,8 @@ def main() -> int:
 
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
-TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss")
+TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss",
+           "context_bound")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
 

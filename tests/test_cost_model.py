@@ -217,3 +217,29 @@ def test_operator_names_no_training_graph_had_are_predicted_as_hidden(tiny_model
     old = load(_rewrite(tmp_path / "m.npz", tmp_path / "old.npz", {"seen_ops": None}))
     assert not old.unseen_op_columns().any()
     assert old.predict_queries([query])[0] == pytest.approx(as_is.predict_queries([query])[0], rel=1e-6)
+
+
+def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tuple, tmp_path: Path) -> None:
+    """With `context_bound`, a node's coefficients come from its own features and what its neighbours add is
+    bounded: changing every other node moves its predicted log time by at most the bound (and does move it).
+    The option is a hyperparameter of the checkpoint: it survives a round trip."""
+    import jax.numpy as jnp
+
+    items = tiny_model[2]
+    model, _ = train(items, hidden=16, layers=2, steps=60, batch_size=8, lr=1e-2, context_bound=0.3,
+                     show_progress=False)
+    again = load(model.save(tmp_path / "bounded.npz"))
+    assert again.meta["context_bound"] == 0.3 and "context_bound" not in tiny_model[0].meta
+    query = make_query(items[5].graph, items[5].config)
+    node = 2
+    others = np.arange(len(query.x)) != node
+    x = query.x.copy()
+    x[others] += np.random.default_rng(0).normal(0.0, 1.0, size=x[others].shape).astype(np.float32)
+    changed = cost_model.Query(x, query.work, query.edges, query.gfeat)
+    for member in again.members:
+        times = [np.asarray(member.with_nodes({k: jnp.asarray(v) for k, v in cost_model.pack([q])[0].items()}, 1)[2])
+                 for q in (query, changed)]
+        moved = abs(times[1][node] - times[0][node])
+        assert 0.0 < moved <= 0.3 + 1e-5
+    queries = [make_query(it.graph, it.config) for it in items]
+    np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)

@@ -84,7 +84,8 @@ NODE_HEAD_INIT = (3.0, 4.6, -4.6)  # ~20 ms/GFLOP, ~100 ms/GB, ~10 us per operat
 class LatencyGNN(nnx.Module):
     """Message passing over dataflow edges + per-node log-time head + graph-level MLP correction."""
 
-    def __init__(self, node_dim: int, graph_dim: int, hidden: int = 64, layers: int = 3, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, node_dim: int, graph_dim: int, hidden: int = 64, layers: int = 3,
+                 context_bound: float = 0.0, *, rngs: nnx.Rngs) -> None:
         self.embed = nnx.Linear(node_dim, hidden, rngs=rngs)
         self.msg_fwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
         self.msg_bwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
@@ -93,7 +94,16 @@ class LatencyGNN(nnx.Module):
         # per node: log ms per GFLOP, log ms per GB moved, log ms of fixed overhead (a roofline with
         # learned, context-dependent coefficients); initialised near a single CPU core's values
         self.node_head = nnx.Linear(hidden, 3, rngs=rngs, kernel_init=nnx.initializers.normal(0.01),
-                                    bias_init=lambda *_: jnp.asarray(NODE_HEAD_INIT))
+                                    bias_init=lambda *_: jnp.asarray((0.0,) * 3 if context_bound else NODE_HEAD_INIT))
+        # context_bound > 0: the coefficients come from the node's own features alone (`local`), and what the
+        # messages add is bounded to +-context_bound in log space; see train's `context_bound`
+        self.context_bound = context_bound
+        self.local: nnx.Linear | None = nnx.data(None)
+        self.local_head: nnx.Linear | None = nnx.data(None)
+        if context_bound:
+            self.local = nnx.data(nnx.Linear(node_dim, hidden, rngs=rngs))
+            self.local_head = nnx.data(nnx.Linear(hidden, 3, rngs=rngs, kernel_init=nnx.initializers.normal(0.01),
+                                                  bias_init=lambda *_: jnp.asarray(NODE_HEAD_INIT)))
         # log ms the per-operator profiler adds to every operator it times (its interpreter and timer):
         # fitted with the per-operator loss only, so that node times stay operator times
         self.probe_log_ms = nnx.Param(jnp.asarray(math.log(0.005), dtype=jnp.float32))
@@ -121,6 +131,9 @@ class LatencyGNN(nnx.Module):
             h = norm(h + nnx.gelu(upd(jnp.concatenate([h, m_in, m_out], axis=-1))))
         h = h * mask[:, None]
         coef = self.node_head(h)
+        if self.local is not None and self.local_head is not None:
+            bound = self.context_bound
+            coef = self.local_head(nnx.gelu(self.local(x))) + bound * jnp.tanh(coef / bound)
         scales = jnp.log(jnp.concatenate([batch["work"], jnp.ones_like(batch["work"][:, :1])], axis=-1) + 1e-12)
         z = jnp.where(mask > 0, jax.nn.logsumexp(coef + scales, axis=-1), -jnp.inf)
         zmax = jax.ops.segment_max(z, gid, segments)
@@ -335,7 +348,8 @@ def _array_name(member: int, index: int) -> str:
 
 
 def _new_model(meta: dict[str, Any], seed: int = 0) -> LatencyGNN:
-    return LatencyGNN(NODE_DIM, GRAPH_DIM, int(meta["hidden"]), int(meta["layers"]), rngs=nnx.Rngs(seed))
+    return LatencyGNN(NODE_DIM, GRAPH_DIM, int(meta["hidden"]), int(meta["layers"]),
+                      float(meta.get("context_bound", 0.0)), rngs=nnx.Rngs(seed))
 
 
 def load(path: str | Path | io.BytesIO) -> CostModel:
@@ -449,8 +463,9 @@ class TrainItem:
 
 def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int = 64, layers: int = 3,
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
-          runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS, seed: int = 0,
-          members: int = 1, show_progress: bool = True) -> tuple[CostModel, list[float]]:
+          runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS,
+          context_bound: float = 0.0, seed: int = 0, members: int = 1,
+          show_progress: bool = True) -> tuple[CostModel, list[float]]:
     """Train `members` LatencyGNNs on `items` (seeds seed, seed+1, ...: their own initialisation, batches
     and dropout masks); returns the ensemble and the loss per step (MSE of log latency, mean over members).
 
@@ -464,6 +479,13 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
 
     Why an ensemble: the members disagree most where the data says least (an unseen operator mix, a
     batch size between measured ones); averaging their log predictions cancels much of that variance.
+
+    `context_bound` > 0 (off by default): each node's roofline coefficients come from a per-node MLP of its
+    own features, and what message passing adds is bounded to +-context_bound in log space (tanh). An
+    operator in a neighbourhood no training graph had is then predicted near what the same operator costs
+    elsewhere, not moved by an extrapolating context (held-out branchy's max pools were predicted at 0.45x
+    their measured time, `poolcnn`'s at 0.9-1.0x). 0.5 is the largest in-program slowdown measured for a
+    small operator (about 1.5x its time alone; docs/cost_model.md, session 8).
     """
     if not items:
         raise ValueError("train() needs at least one item (is the records database empty?)")
@@ -494,6 +516,7 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
                          "subnormals flushed (load_samples(..., flush_denormal=...) reads one)")
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
+            **({"context_bound": context_bound} if context_bound else {}),
             "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
             "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit], "flush_denormal": flushed.pop(),
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
