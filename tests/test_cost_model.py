@@ -241,5 +241,7 @@ def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tupl
                  for q in (query, changed)]
         moved = abs(times[1][node] - times[0][node])
         assert 0.0 < moved <= 0.3 + 1e-5
+    with pytest.raises(ValueError, match="context_bound must be >= 0"):
+        train(items, steps=1, context_bound=-0.5, show_progress=False)
     queries = [make_query(it.graph, it.config) for it in items]
     np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)
