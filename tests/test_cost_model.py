@@ -245,3 +245,24 @@ def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tupl
         train(items, steps=1, context_bound=-0.5, show_progress=False)
     queries = [make_query(it.graph, it.config) for it in items]
     np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)
+
+
+def test_node_times_are_the_terms_the_prediction_sums(tiny_model: tuple) -> None:
+    """Per-operator predictions (for diagnosis) are what the graph's prediction adds up before its graph-level
+    correction: one per node, positive, their sum times exp(correction) is the prediction."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model, _, items = tiny_model
+    query = make_query(items[3].graph, items[3].config)
+    nodes = model.predict_node_ms(query)
+    assert nodes.shape == (items[3].graph.num_nodes,) and (nodes > 0).all()
+    member = model.members[0]
+    batch = {k: jnp.asarray(v) for k, v in cost_model.pack([query])[0].items()}
+    total, _, z = member.with_nodes(batch, 1)
+    np.testing.assert_allclose(nodes, np.exp(np.asarray(z)[:len(nodes)]), rtol=1e-5)  # one member: its own
+    correction = float(total[0]) - np.log(nodes.sum())
+    pooled = jnp.concatenate([member(batch, 1)[1], batch["gfeat"]], axis=-1)
+    g = float(member.graph_out(nnx.gelu(member.graph_hidden(pooled)))[0, 0])
+    assert correction == pytest.approx(g, abs=1e-4)
+    assert 0 < model.probe_ms < 1.0

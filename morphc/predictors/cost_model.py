@@ -295,6 +295,22 @@ class CostModel:
             raise CostModelError("the cost model produced a non-finite prediction (corrupt checkpoint?)")
         return out, np.concatenate(embs)
 
+    def predict_node_ms(self, query: Query) -> np.ndarray:
+        """[N] each operator's own predicted time in ms (the members' node times averaged in log space), the
+        terms the graph's prediction sums before its graph-level correction. For diagnosis: set against
+        measured per-operator times (the profiler's, less `probe_ms`), they say which operators a prediction
+        gets wrong; sessions 6, 13 and 15 found branchy's pools and GPT-2's names this way."""
+        if self.hide_unseen_ops and (unseen := self.unseen_op_columns()).any():
+            query = _hide_op_names(query, query.x[:, VOCAB_COLUMNS][:, unseen].any(axis=1))
+        batch = {k: jnp.asarray(v) for k, v in pack([query])[0].items()}
+        z = np.mean([np.asarray(m.with_nodes(batch, 1)[2]) for m in self.members], axis=0)
+        return np.exp(z[:query.x.shape[0]].astype(np.float64))
+
+    @property
+    def probe_ms(self) -> float:
+        """What the per-operator profiler adds to each operator it times, as learned (mean over members)."""
+        return float(np.exp(np.mean([float(m.probe_log_ms[...]) for m in self.members])))
+
     def unseen_op_columns(self) -> np.ndarray:
         """[vocabulary] bool: the operator-name columns no training graph had (all False for a checkpoint
         that does not record them). Their weights kept their random initialisation, and a new family's
