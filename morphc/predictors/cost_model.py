@@ -278,8 +278,7 @@ class CostModel:
     def predict_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
         """(latency ms [Q], embeddings [Q, D]) for prepared queries, in chunks of up to 64 graphs."""
         preds, embs = [], []
-        if self.hide_unseen_ops and (unseen := self.unseen_op_columns()).any():
-            queries = [_hide_op_names(q, q.x[:, VOCAB_COLUMNS][:, unseen].any(axis=1)) for q in queries]
+        queries = self._names_seen(queries)
         for start in range(0, len(queries), 64):
             chunk = queries[start:start + 64]
             batch, g = pack(chunk)
@@ -300,8 +299,7 @@ class CostModel:
         terms the graph's prediction sums before its graph-level correction. For diagnosis: set against
         measured per-operator times (the profiler's, less `probe_ms`), they say which operators a prediction
         gets wrong; sessions 6, 13 and 15 found branchy's pools and GPT-2's names this way."""
-        if self.hide_unseen_ops and (unseen := self.unseen_op_columns()).any():
-            query = _hide_op_names(query, query.x[:, VOCAB_COLUMNS][:, unseen].any(axis=1))
+        query = self._names_seen([query])[0]
         batch = {k: jnp.asarray(v) for k, v in pack([query])[0].items()}
         z = np.mean([np.asarray(m.with_nodes(batch, 1)[2]) for m in self.members], axis=0)
         return np.exp(z[:query.x.shape[0]].astype(np.float64))
@@ -310,6 +308,12 @@ class CostModel:
     def probe_ms(self) -> float:
         """What the per-operator profiler adds to each operator it times, as learned (mean over members)."""
         return float(np.exp(np.mean([float(m.probe_log_ms[...]) for m in self.members])))
+
+    def _names_seen(self, queries: Sequence[Query]) -> Sequence[Query]:
+        """`queries` with the operator names no training graph had hidden (see `unseen_op_columns`)."""
+        if not self.hide_unseen_ops or not (unseen := self.unseen_op_columns()).any():
+            return queries
+        return [_hide_op_names(q, q.x[:, VOCAB_COLUMNS][:, unseen].any(axis=1)) for q in queries]
 
     def unseen_op_columns(self) -> np.ndarray:
         """[vocabulary] bool: the operator-name columns no training graph had (all False for a checkpoint
