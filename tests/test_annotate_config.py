@@ -20,6 +20,7 @@ from morphc.predictors.tuner.service import ConfigTuner
 from morphc.predictors.tuner.space import TuningError, gpu_space
 from morphc.predictors.tuner.synthetic import synthetic_tables
 from morphc.runtime import serving
+from morphc.runtime.denormals import flush_denormal_enabled
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +178,13 @@ def test_flush_denormal_flushes_subnormals_while_active_and_changes_nothing_else
     out = program.outputs[0].name
     plain = program(x)[out]
     assert plain[0, 0] != 0  # a subnormal result without flushing
-    assert not serving.flush_denormal_enabled()
+    assert not flush_denormal_enabled()
     for backend in ("eager", "onnxruntime"):
         runner = serving.build_runner(program, ServingConfig(batch=1, threads=1, backend=backend, flush_denormal=True))
         with runner.activate():
-            assert serving.flush_denormal_enabled()
+            assert flush_denormal_enabled()
             flushed = runner(x)[out]
-        assert not serving.flush_denormal_enabled()
+        assert not flush_denormal_enabled()
         assert flushed[0, 0] == 0, backend
         assert torch.equal(flushed[0, 1:], plain[0, 1:]), backend
     ort = serving.build_runner(program, ServingConfig(batch=1, threads=1, backend="onnxruntime", flush_denormal=True))

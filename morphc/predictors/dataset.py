@@ -18,7 +18,6 @@ A GPU profile (collected by `gpu_collect` on the machine with the GPU) has the s
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,11 +249,15 @@ def gpu_device(db: RecordsDB) -> str:
     return found[0]
 
 
+def _flushed(config: dict[str, Any]) -> bool:
+    """Whether a latency record's config was measured flushed (records from before the knob have no key)."""
+    return bool(config.get("flush_denormal", False))
+
+
 def flush_protocol(db: RecordsDB, device: str) -> bool:
     """Whether `db`'s CPU latencies of `device` were measured with subnormals flushed (the one protocol
     they have; a database holding both must be read with `flush_denormal=` named)."""
-    found = {bool(json.loads(key).get("flush_denormal", False)) for (key,) in db.conn.execute(
-        "SELECT DISTINCT config FROM records WHERE kind=? AND device=?", (LATENCY, device))}
+    found = {_flushed(r.config) for r in db.query(kind=LATENCY, device=device)}
     if len(found) > 1:
         raise RecordsError(f"'{db.path}' holds latencies measured both with and without subnormals flushed; "
                            f"read one protocol: load_samples(..., flush_denormal=True or False)")
@@ -308,7 +311,7 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
                 raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
         passes: dict[tuple[int, int], list[Any]] = {}  # (batch, threads) -> records, first pass first
         for lat in sorted(db.query(kind=LATENCY, model=fp, device=device), key=lambda r: r.config.get("pass", 0)):
-            if bool(lat.config.get("flush_denormal", False)) != flush:
+            if _flushed(lat.config) != flush:
                 continue
             passes.setdefault((int(lat.config["batch"]), int(lat.config["threads"])), []).append(lat)
         single = [float(r.stats[statistic]) for (_, t), rs in passes.items() if t == 1 for r in rs[:1]]

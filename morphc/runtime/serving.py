@@ -31,7 +31,7 @@ from morphc.errors import MorphcError
 from morphc.ir.annotations import ServingConfig
 from morphc.ir.program import Program
 from morphc.ir.verifier import verify
-from morphc.runtime.denormals import flush_denormal_enabled, set_threads_and_flush
+from morphc.runtime.denormals import set_threads_and_flush, threads_and_flush
 
 MPS_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
@@ -114,14 +114,14 @@ class Runner:
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[Runner]:
-        """Set the process-wide knobs (torch threads, environment) for the duration of the block."""
-        previous_modes = (torch.get_num_threads(), flush_denormal_enabled())
+        """Set the process-wide knobs (torch threads, flush mode, environment) for the duration of the block."""
+        _check_environment_settable(self.config)
         previous_env = {k: os.environ.get(k) for k in environment(self.config)}
-        apply(self.config)
         try:
-            yield self
+            with threads_and_flush(self.config.threads, self.config.flush_denormal):
+                os.environ.update(environment(self.config))
+                yield self
         finally:
-            set_threads_and_flush(*previous_modes)
             for key, value in previous_env.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -138,12 +138,16 @@ class Runner:
 
 
 def apply(config: ServingConfig) -> None:
-    """Apply the process-wide part of a config now: torch threads and environment variables."""
+    """Apply the process-wide part of a config now: torch threads, flush mode and environment variables."""
+    _check_environment_settable(config)
+    set_threads_and_flush(config.threads, config.flush_denormal)
+    os.environ.update(environment(config))
+
+
+def _check_environment_settable(config: ServingConfig) -> None:
     if config.device == "cuda" and config.sm_share is not None and torch.cuda.is_initialized():
         raise ServingError(f"{MPS_ENV} must be set before the process creates its CUDA context, but CUDA is "
                            "already initialized: apply the serving config (or export the environment) at start-up")
-    set_threads_and_flush(config.threads, config.flush_denormal)
-    os.environ.update(environment(config))
 
 
 
