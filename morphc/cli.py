@@ -197,11 +197,40 @@ def cmd_train_cost_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict a program's latency under one or more configs with a cost-model checkpoint."""
-    from morphc.predictors import cost_model, spaces
+def _cost_model(args: argparse.Namespace) -> Any:
+    """The checkpoint `--checkpoint` names (default: the shipped one for this machine), calibrated to this
+    machine with `--calibration` where given."""
+    from morphc.predictors import calibration, cost_model
 
     model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    if getattr(args, "calibration", None):
+        cal = calibration.load(args.calibration)
+        model = calibration.apply(model, cal)
+        console.print(f"[dim]{cal.summary()}[/dim]")
+    return model
+
+
+def cmd_calibrate_cost_model(args: argparse.Namespace) -> int:
+    """Time the probe programs here and save the scale that turns the checkpoint's predictions into this
+    machine's (morphc.predictors.calibration)."""
+    import datetime as dt
+
+    from morphc.predictors import calibration, cost_model
+
+    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    db = args.db or f".morphc/calibration-{dt.datetime.now(dt.UTC):%Y-%m-%d}.sqlite"
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    cal = calibration.calibrate(model, db, cache_dir=args.cache)
+    path = cal.save(args.output)
+    console.print(f"{cal.summary()}\nmeasurements in {db}; saved {path} (use it with --calibration {path})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict a program's latency under one or more configs with a cost-model checkpoint."""
+    from morphc.predictors import spaces
+
+    model = _cost_model(args)
     program = load_source(args.source, args.batch_size)
     configs = [spaces.parse_config(c, model.device_kind) for c in (args.config or ["threads=1"])]
     preds = model.predict_many([(program, c) for c in configs])
@@ -212,10 +241,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_serve_cost_model(args: argparse.Namespace) -> int:
     """Serve predictions until interrupted."""
-    from morphc.predictors import cost_model
     from morphc.predictors.service import make_server
 
-    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    model = _cost_model(args)
     server = make_server(model, args.host, args.port)
     host, port = server.server_address[:2]
     console.print(f"serving {model.device_kind} latency predictions on http://{host}:{port} "
@@ -362,12 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("source", help="model source as for `run`")
     pd.add_argument("--config", action="append", help='e.g. "threads=2" or "batch=8,threads=1" (repeatable)')
     pd.add_argument("--checkpoint", help="cost-model checkpoint (default: the one shipped with morphc)")
+    pd.add_argument("--calibration", help="a calibration of the checkpoint to this machine "
+                                          "(`morphc calibrate-cost-model`): predict this machine's latencies")
     pd.add_argument("--batch-size", type=int, default=1)
     pd.set_defaults(func=cmd_predict)
+
+    ca = sub.add_parser("calibrate-cost-model", help="time probe programs here and scale a checkpoint's "
+                                                     "predictions to this machine's speed (about 2 minutes)")
+    ca.add_argument("--checkpoint", help="cost-model checkpoint (default: the one shipped with morphc)")
+    ca.add_argument("--db", help="records database of the probe measurements (default: "
+                                 ".morphc/calibration-<UTC date>.sqlite; a database that holds them is not "
+                                 "measured again: name a new one to calibrate afresh)")
+    ca.add_argument("-o", "--output", default=".morphc/cost-model-calibration.json")
+    ca.add_argument("--cache", help="directory of lowered probe programs (reused when present)")
+    ca.set_defaults(func=cmd_calibrate_cost_model)
 
     sv = sub.add_parser("serve-cost-model", help="answer latency predictions over HTTP (GET /v1/model, "
                                                  "POST /v1/predict; see morphc.predictors.service)")
     sv.add_argument("--checkpoint", help="cost-model checkpoint (default: the one shipped with morphc)")
+    sv.add_argument("--calibration", help="a calibration of the checkpoint to this machine")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=8765)
     sv.set_defaults(func=cmd_serve_cost_model)

@@ -4,8 +4,10 @@ with a status and a message that names the problem."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import json
+import math
 import threading
 import urllib.error
 import urllib.request
@@ -18,7 +20,7 @@ import pytest
 import morphc
 from morphc import zoo
 from morphc.predictors import cost_model
-from morphc.predictors.service import make_server
+from morphc.predictors.service import PredictionService, make_server
 from morphc.predictors.spaces import CpuConfig
 
 
@@ -53,6 +55,9 @@ def test_describes_the_checkpoint(url: str, model: cost_model.CostModel) -> None
     assert body["device_kind"] == "cpu"
     assert body["device_fingerprint"] == model.meta["device_fingerprint"]
     assert body["members"] == len(model.members)
+    assert body["calibration_factor_by_threads"] is None
+    calibrated = dataclasses.replace(model, log_scale={1: math.log(1.5), 2: math.log(2.0)})
+    assert PredictionService(calibrated).describe()["calibration_factor_by_threads"] == {"1": 1.5, "2": 2.0}
 
 
 @pytest.mark.filterwarnings("ignore::morphc.predictors.cost_model.CostModelWarning")

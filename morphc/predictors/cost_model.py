@@ -21,7 +21,9 @@ does not match the config is refused with a clear error, never answered with a n
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
 import io
 import json
 import math
@@ -164,12 +166,13 @@ class Query:
     work: np.ndarray  # [N, 2] GFLOPs and GB per node (features.node_work)
     edges: np.ndarray
     gfeat: np.ndarray
+    threads: int = 1  # the config's intra-op threads (0 for a GPU config): which calibration scale applies
 
 
 def make_query(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.ndarray | None = None,
                static_block: np.ndarray | None = None) -> Query:
     return Query(node_features(graph, config, runtime, static_block), node_work(graph, config), graph.edges,
-                 graph_features(graph, config))
+                 graph_features(graph, config), getattr(config, "threads", 0))
 
 
 def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[str, np.ndarray], int]:
@@ -229,6 +232,9 @@ class CostModel:
     meta: dict[str, Any]
     # an operator name no training graph had is predicted as if its name were hidden (see _hide_op_names)
     hide_unseen_ops: bool = True
+    # per intra-op thread count: log(this machine's latency / the checkpoint machine's), added to every log
+    # prediction; set by a calibration (`morphc.predictors.calibration.apply`), empty for the checkpoint's machine
+    log_scale: dict[int, float] = field(default_factory=dict)
     _graphs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)  # the warnings given (each once)
     _forward: Callable[..., tuple[jax.Array, jax.Array]] | None = field(default=None, repr=False)
@@ -285,7 +291,8 @@ class CostModel:
             if self._forward is None:
                 self._forward = _compile_forward(self.members)
             log_ms, emb = self._forward(batch, g)
-            preds.append(np.exp(np.asarray(log_ms, dtype=np.float64))[:len(chunk)])
+            scale = np.asarray([self.scale_of(q.threads) for q in chunk])
+            preds.append(np.exp(np.asarray(log_ms, dtype=np.float64)[:len(chunk)] + scale))
             embs.append(np.asarray(emb)[:len(chunk)])
         if not preds:
             return np.zeros(0), np.zeros((0, 2 * int(self.meta["hidden"])))
@@ -302,7 +309,25 @@ class CostModel:
         query = self._names_seen([query])[0]
         batch = {k: jnp.asarray(v) for k, v in pack([query])[0].items()}
         z = np.mean([np.asarray(m.with_nodes(batch, 1)[2]) for m in self.members], axis=0)
-        return np.exp(z[:query.x.shape[0]].astype(np.float64))
+        return np.exp(z[:query.x.shape[0]].astype(np.float64) + self.scale_of(query.threads))
+
+    def scale_of(self, threads: int) -> float:
+        """The calibrated log scale for `threads` intra-op threads (see `nearest_scale`)."""
+        return nearest_scale(self.log_scale, threads)
+
+    def uncalibrated(self) -> CostModel:
+        """This model predicting for the checkpoint's own machine (no calibration), sharing its caches."""
+        return dataclasses.replace(self, log_scale={}, _graphs=self._graphs, _forward=self._forward)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of what decides a prediction (every parameter, the operator names seen in training):
+        which checkpoint a calibration was fitted to, the same for a trained model and its saved file."""
+        h = hashlib.blake2b(str(self.meta.get("seen_ops")).encode(), digest_size=8)
+        for member in self.members:
+            for _, leaf in _param_leaves(member):
+                h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        return h.hexdigest()
 
     @property
     def probe_ms(self) -> float:
@@ -355,6 +380,13 @@ class CostModel:
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
         return path
+
+
+def nearest_scale(log_scale: dict[int, float], threads: int) -> float:
+    """The log scale calibrated for the thread count nearest `threads` (the larger on a tie); 0 if none."""
+    if not log_scale:
+        return 0.0
+    return log_scale[min(log_scale, key=lambda t: (abs(t - threads), -t))]
 
 
 def _param_leaves(model: LatencyGNN) -> list[tuple[str, jax.Array]]:
@@ -467,7 +499,7 @@ def _hide_op_names(query: Query, hide: np.ndarray) -> Query:
     x = query.x.copy()
     x[hide, VOCAB_COLUMNS] = 0.0
     x[hide, VOCAB_COLUMNS.stop - 1] = 1.0
-    return Query(x, query.work, query.edges, query.gfeat)
+    return dataclasses.replace(query, x=x)
 
 
 @dataclass(frozen=True)

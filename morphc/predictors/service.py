@@ -3,11 +3,11 @@
 Why: a scheduler or a serving system written in another language, or running where JAX is not
 installed, can ask for latency predictions without importing morphc. Standard library only.
 
-    morphc serve-cost-model [--checkpoint X.npz] [--host 127.0.0.1] [--port 8765]
+    morphc serve-cost-model [--checkpoint X.npz] [--calibration C.json] [--host 127.0.0.1] [--port 8765]
 
 Endpoints (JSON in, JSON out):
 - `GET /v1/model`: what the checkpoint describes (device kind and fingerprint, feature schema,
-  ensemble size, what it was trained on).
+  ensemble size, what it was trained on, the calibration to this machine's speed if one is applied).
 - `POST /v1/predict` with `{"program": <base64 of a program saved by morphc.save>` or
   `"zoo": <zoo model name>, "batch_size": 1}` and `"configs": ["batch=8,threads=2", {"threads": 1}, ...]`
   (default: one thread) -> `{"configs": [{knob: value}], "latency_ms": [...]}`.
@@ -21,6 +21,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import tempfile
 import threading
 from http import HTTPStatus
@@ -50,7 +51,9 @@ class PredictionService:
 
     def describe(self) -> dict[str, Any]:
         keep = ("device_kind", "device_fingerprint", "feature_schema", "format", "version", "target", "trained")
-        return {**{k: self.model.meta[k] for k in keep if k in self.model.meta}, "members": len(self.model.members)}
+        calibrated = {str(t): round(math.exp(v), 4) for t, v in sorted(self.model.log_scale.items())}
+        return {**{k: self.model.meta[k] for k in keep if k in self.model.meta}, "members": len(self.model.members),
+                "calibration_factor_by_threads": calibrated or None}
 
     def predict(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):

@@ -1,0 +1,179 @@
+"""Calibrating a cost-model checkpoint to this machine's speed of the day.
+
+Why: a checkpoint predicts the latencies of the machine its training data was measured on, and virtual
+machines of one CPU model do not run at one speed. The 2-core AMD EPYC VM that measured the shipped
+checkpoint's corpus ran the same programs 1.4-1.8x slower in sessions 15 and 16, under the same device
+fingerprint, so nothing warned (docs/cost_model.md, "Calibration"). No graph feature can see that.
+
+A calibration times a fixed set of probe programs here: the first corpus variant of every family the
+checkpoint was trained on, at batch 1 and 8 and thread counts 1 and 2. It keeps, per thread count, the
+median over the probes of log(measured / predicted). `apply` adds that to every log prediction. The
+probes are training programs of the checkpoint, so the ratio measures the machine, not the model's
+error on new families; the median keeps one disturbed probe from moving it. The measurements go to a
+records database (`dataset.collect_corpus`), so a killed calibration keeps what it measured and
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from morphc.predictors.corpus import VARIANTS, Variant
+from morphc.predictors.cost_model import CostModel, CostModelError, make_query, nearest_scale
+from morphc.predictors.dataset import Sample, collect_corpus, load_samples
+from morphc.predictors.profiler import LATENCY
+from morphc.predictors.records import RecordsDB, device_fingerprint
+
+CALIBRATION_FORMAT = "morphc-cost-model-calibration"
+CALIBRATION_VERSION = 1
+PROBE_BATCHES = (1, 8)
+PROBE_THREADS = (1, 2)  # the corpus's thread counts: what the checkpoints were trained on
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe measurement against the checkpoint's prediction."""
+
+    variant: str
+    batch: int
+    threads: int
+    measured_ms: float
+    predicted_ms: float  # by the uncalibrated checkpoint
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per thread count, log(latency here / latency the checkpoint predicts), fitted to probes."""
+
+    checkpoint: str  # CostModel.digest of the checkpoint it was fitted to
+    device_fingerprint: str  # the machine it was measured on
+    measured_at: str  # UTC, when the last probe was measured: the speed of a VM drifts between days
+    log_scale: dict[int, float]
+    probes: tuple[Probe, ...] = field(default=(), repr=False)
+
+    def factor(self, threads: int) -> float:
+        """How many times slower than the checkpoint's machine this one ran at `threads` (nearest calibrated)."""
+        return math.exp(nearest_scale(self.log_scale, threads))
+
+    def residuals(self) -> np.ndarray:
+        """Each probe's log(measured / calibrated prediction): how uniformly the machine differs."""
+        return np.asarray([math.log(p.measured_ms / p.predicted_ms) - self.log_scale[p.threads]
+                           for p in self.probes])
+
+    def summary(self) -> str:
+        scales = ", ".join(f"x{math.exp(s):.2f} at {t} thread{'s' * (t > 1)}"
+                           for t, s in sorted(self.log_scale.items()))
+        spread = float(np.median(np.abs(self.residuals()))) if self.probes else float("nan")
+        return (f"calibrated on {self.measured_at} from {len(self.probes)} probes: {scales} "
+                f"(probes within a median {100 * (math.exp(spread) - 1):.1f}% of it)")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "checkpoint": self.checkpoint,
+                "device_fingerprint": self.device_fingerprint, "measured_at": self.measured_at,
+                "log_scale": {str(t): s for t, s in sorted(self.log_scale.items())},
+                "probes": [dataclasses.asdict(p) for p in self.probes]}
+        path.write_text(json.dumps(body, indent=1) + "\n")
+        return path
+
+
+def load(path: str | Path) -> Calibration:
+    """Read a saved calibration; CostModelError naming the problem for anything else."""
+    try:
+        body = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise CostModelError(f"calibration '{path}' does not exist (make one with `morphc calibrate-cost-model`)") \
+            from exc
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CostModelError(f"calibration '{path}' is not readable JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("format") != CALIBRATION_FORMAT \
+            or body.get("version") != CALIBRATION_VERSION:
+        found = (f"format {body.get('format')!r} version {body.get('version')}" if isinstance(body, dict)
+                 else f"a JSON {type(body).__name__}")
+        raise CostModelError(f"calibration '{path}' is {found}; this morphc reads {CALIBRATION_FORMAT!r} "
+                             f"version {CALIBRATION_VERSION}")
+    try:
+        log_scale = {int(t): float(s) for t, s in body["log_scale"].items()}
+        probes = tuple(Probe(**p) for p in body["probes"])
+        cal = Calibration(str(body["checkpoint"]), str(body["device_fingerprint"]), str(body["measured_at"]),
+                          log_scale, probes)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CostModelError(f"calibration '{path}' is malformed: {exc!r}") from exc
+    if not log_scale or not all(math.isfinite(s) for s in log_scale.values()):
+        raise CostModelError(f"calibration '{path}' holds no finite scale: {body['log_scale']}")
+    return cal
+
+
+def probe_variants(model: CostModel) -> list[Variant]:
+    """The first corpus variant of every family `model` was trained on (every family if it does not say)."""
+    trained = set(model.meta.get("trained", {}).get("groups") or {v.family for v in VARIANTS})
+    first: dict[str, Variant] = {}
+    for v in VARIANTS:
+        if v.family in trained:
+            first.setdefault(v.family, v)
+    if not first:
+        raise CostModelError(f"the checkpoint was trained on families {sorted(trained)}, none of which the corpus "
+                             "has: there is nothing to calibrate it with")
+    return list(first.values())
+
+
+def fit(model: CostModel, samples: Sequence[Sample]) -> Calibration:
+    """The calibration of `model` to the machine `samples` were measured on: per thread count, the median
+    of log(measured / predicted) over the samples at that count."""
+    if model.device_kind != "cpu":
+        raise CostModelError(f"only CPU checkpoints can be calibrated (this one is '{model.device_kind}'): a "
+                             "GPU's speed is set by its SM share, a config knob")
+    usable = [s for s in samples if not s.unstable]
+    if not usable:
+        raise CostModelError("no usable probe measurements to calibrate with (all were disturbed: measure again "
+                             "on a quieter machine)")
+    predicted = model.uncalibrated().predict_queries([make_query(s.graph, s.config) for s in usable])[0]
+    probes = tuple(Probe(s.variant, s.config.batch, s.config.threads, s.latency_ms, float(p))
+                   for s, p in zip(usable, predicted))
+    log_scale = {t: float(np.median([math.log(p.measured_ms / p.predicted_ms) for p in probes if p.threads == t]))
+                 for t in sorted({p.threads for p in probes})}
+    return Calibration(model.digest, device_fingerprint("cpu"), _now(), log_scale, probes)
+
+
+def calibrate(model: CostModel, db: RecordsDB | str | Path, *, cache_dir: str | Path | None = None,
+              show_progress: bool = True) -> Calibration:
+    """Measure the probes into `db` (those it already holds for this machine are not measured again) and
+    fit `model` to them. Use a new database to calibrate afresh: the speed of a VM drifts between days."""
+    db = db if isinstance(db, RecordsDB) else RecordsDB(db)
+    model = model.uncalibrated()
+    variants = probe_variants(model)
+    collect_corpus(db, variants, batches=PROBE_BATCHES, threads=PROBE_THREADS, ops=False, cache_dir=cache_dir,
+                   show_progress=show_progress)
+    names = {v.name for v in variants}
+    samples = [s for s in load_samples(db, device=device_fingerprint("cpu"))
+               if s.variant in names and s.config.batch in PROBE_BATCHES and s.config.threads in PROBE_THREADS]
+    cal = fit(model, samples)
+    created = max(r.created for r in db.query(kind=LATENCY, device=device_fingerprint("cpu")))
+    return dataclasses.replace(cal, measured_at=_now(created))
+
+
+def apply(model: CostModel, calibration: Calibration) -> CostModel:
+    """`model` predicting this machine's latencies: refused where the calibration belongs to another
+    checkpoint or another machine."""
+    if calibration.checkpoint != model.digest:
+        raise CostModelError(f"the calibration was fitted to checkpoint {calibration.checkpoint}, not this one "
+                             f"({model.digest}): calibrate this checkpoint (`morphc calibrate-cost-model`)")
+    here = device_fingerprint("cpu")
+    if calibration.device_fingerprint != here:
+        raise CostModelError(f"the calibration was measured on '{calibration.device_fingerprint}', this machine is "
+                             f"'{here}': calibrate here (`morphc calibrate-cost-model`)")
+    return dataclasses.replace(model.uncalibrated(), log_scale=dict(calibration.log_scale))
+
+
+def _now(timestamp: float | None = None) -> str:
+    when = _dt.datetime.fromtimestamp(timestamp, _dt.UTC) if timestamp is not None else _dt.datetime.now(_dt.UTC)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
