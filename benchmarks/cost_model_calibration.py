@@ -9,7 +9,9 @@ that is not a probe:
 
 - `as shipped`: the checkpoint's own predictions;
 - `calibrated (same pass)`: calibrated with the probe records of that same database (the probes' batch 1 and 8
-  configs; the probe variants are then left out of the scoring);
+  configs; the probe variants are then left out of the scoring): a factor per thread count and operator group;
+- `one factor per thread count (same pass)`: the same probes' median ratio per thread count, for every
+  operator alike (the simpler form, for comparison);
 - `calibrated (--calibration)`: a calibration measured separately, at another moment, as a user would have it;
 - `best single factor`: one factor per thread count fitted on the scored configs themselves, the most any
   calibration of this form could do (an optimistic bound, not a method);
@@ -63,21 +65,28 @@ def main() -> int:
     queries = [make_query(s.graph, s.config) for s in scored]
     threads = np.asarray([s.config.threads for s in scored])
 
-    def predict(m: cost_model.CostModel, log_scale: dict[int, float] | None = None) -> np.ndarray:
-        # the scale is set directly, not through calibration.apply: the database may describe another machine
-        return dataclasses.replace(m.uncalibrated(), log_scale=log_scale or {}).predict_queries(queries)[0]
+    def predict(m: cost_model.CostModel, log_factors: dict[int, tuple[float, ...]] | None = None) -> np.ndarray:
+        # the factors are set directly, not through calibration.apply: the database may describe another machine
+        return dataclasses.replace(m.uncalibrated(), log_factors=log_factors or {}).predict_queries(queries)[0]
+
+    def one_factor(log_ratio_by_threads: dict[int, float]) -> dict[int, tuple[float, ...]]:
+        return {t: (v,) * len(calibration.GROUPS) for t, v in log_ratio_by_threads.items()}
 
     raw = predict(model)
     same_pass = calibration.fit(model, probes)
-    preds: dict[str, np.ndarray] = {"as shipped": raw, "calibrated (same pass)": predict(model, same_pass.log_scale)}
+    probe_ratio = {t: float(np.median([math.log(p.measured_ms / p.predicted_ms) for p in same_pass.probes
+                                       if p.threads == t])) for t in same_pass.log_factors}
+    preds: dict[str, np.ndarray] = {"as shipped": raw,
+                                    "one factor per thread count (same pass)": predict(model, one_factor(probe_ratio)),
+                                    "calibrated (same pass)": predict(model, same_pass.log_factors)}
     measured_cal = None
     if args.calibration:
         measured_cal = calibration.load(args.calibration)
         if measured_cal.checkpoint != model.digest:
             raise SystemExit(f"--calibration was fitted to checkpoint {measured_cal.checkpoint}, not {model.digest}")
-        preds["calibrated (--calibration)"] = predict(model, measured_cal.log_scale)
+        preds["calibrated (--calibration)"] = predict(model, measured_cal.log_factors)
     best = {int(t): float(np.median(np.log(true[threads == t] / raw[threads == t]))) for t in np.unique(threads)}
-    preds["best single factor"] = predict(model, best)
+    preds["best single factor"] = predict(model, one_factor(best))
     if args.reference:
         preds["reference (retrained)"] = predict(cost_model.load(args.reference))
 
@@ -86,9 +95,9 @@ def main() -> int:
     results: dict[str, Any] = {
         "db": Path(args.db).name, "device": device, "checkpoint": model.meta["device_fingerprint"],
         "checkpoint_digest": model.digest, "scored_configs": len(scored), "probe_configs": len(probes),
-        "factors": {"same pass": _factors(same_pass.log_scale), "best single factor": _factors(best),
-                    **({"--calibration": _factors(measured_cal.log_scale),
-                        "--calibration measured_at": measured_cal.measured_at} if measured_cal else {})},
+        "factors": {"one factor (same pass)": _factors(probe_ratio), "same pass": same_pass.summary(),
+                    "best single factor": _factors(best),
+                    **({"--calibration": measured_cal.summary()} if measured_cal else {})},
         "overall": {k: metrics(p, true) for k, p in preds.items()},
         "by_family": {f: {k: metrics(p[fam == f], true[fam == f])["mape_pct"] for k, p in preds.items()}
                       for f in families},
@@ -115,8 +124,7 @@ def _report(results: dict[str, Any], preds: dict[str, np.ndarray], plot: str) ->
     lines = [f"Database `{results['db']}` measured on `{results['device']}`; checkpoint measured on "
              f"`{results['checkpoint']}` (digest {results['checkpoint_digest']}). Scored: {results['scored_configs']} "
              f"configs of the non-probe variants; probes: {results['probe_configs']} configs.", "",
-             "Factors (measured / predicted, per thread count): "
-             + "; ".join(f"{k}: {v}" for k, v in results["factors"].items()), "",
+             "Factors (measured / predicted):", "", *[f"- {k}: {v}" for k, v in results["factors"].items()], "",
              markdown_table(["predictions", "MAPE", "within ±10%", "Spearman"], rows), "",
              "MAPE by family (and the family's geometric-mean measured / shipped prediction):", ""]
     keys = list(preds)

@@ -21,6 +21,9 @@ from morphc.predictors.records import RecordsDB, device_fingerprint
 from morphc.predictors.spaces import CpuConfig
 
 MLP = next(v for v in VARIANTS if v.family == "mlp")
+VGG = next(v for v in VARIANTS if v.family == "vgg")
+# how many times slower than the checkpoint this synthetic machine runs convolutions, matrix products, the rest
+SLOWER = {1: (1.2, 2.0, 1.5), 2: (1.3, 2.2, 1.6)}
 
 
 @pytest.fixture(scope="module")
@@ -30,37 +33,58 @@ def shipped() -> CostModel:
 
 @pytest.fixture(scope="module")
 def probes(shipped: CostModel) -> list[Sample]:
-    """Probe samples measured 1.5x (1 thread) and 2x (2 threads) slower than the checkpoint predicts, one of
-    them disturbed (10x)."""
-    graphs = {b: extract(dataset.lowered(MLP, b)) for b in (1, 8)}
+    """Probe samples of an MLP and a VGG measured as if each operator group ran SLOWER than the checkpoint
+    predicts, three copies 1% apart, and one disturbed probe (15x)."""
     out = []
-    for b, graph in graphs.items():
-        for threads, slower in ((1, 1.5), (2, 2.0)):
-            config = CpuConfig(threads=threads, batch=b)
-            predicted = shipped.predict_queries([make_query(graph, config)])[0][0]
-            for k, spread in enumerate((0.99, 1.0, 1.01)):
-                out.append(Sample(f"{MLP.name}#{k}", MLP.family, "fp", graph, config, predicted * slower * spread,
-                                  None, None))
-            if (b, threads) == (8, 1):
-                out.append(Sample(f"{MLP.name}#disturbed", MLP.family, "fp", graph, config, predicted * 15, None, None))
+    for variant in (MLP, VGG):
+        for b in (1, 8):
+            graph = extract(dataset.lowered(variant, b))
+            for threads, slower in SLOWER.items():
+                config = CpuConfig(threads=threads, batch=b)
+                ms, _, shares = shipped.predict_with_shares([make_query(graph, config)])
+                here = ms[0] * float(shares[0] @ np.asarray(slower))
+                for k, spread in enumerate((0.99, 1.0, 1.01)):
+                    out.append(Sample(f"{variant.name}#{k}", variant.family, "fp", graph, config, here * spread,
+                                      None, None))
+                if (variant, b, threads) == (VGG, 8, 1):
+                    out.append(Sample(f"{variant.name}#disturbed", variant.family, "fp", graph, config, here * 15,
+                                      None, None))
     return out
 
 
-def test_a_calibration_scales_each_prediction_by_its_thread_count(shipped: CostModel, probes: list[Sample]) -> None:
+def test_a_calibration_gives_each_operator_group_its_own_speed(shipped: CostModel, probes: list[Sample]) -> None:
     cal = calibration.fit(shipped, probes)
-    assert cal.factor(1) == pytest.approx(1.5, rel=1e-4)  # the median, not the disturbed probe's 10x
-    assert cal.factor(2) == pytest.approx(2.0, rel=1e-4)
-    assert cal.factor(4) == cal.factor(2)  # an uncalibrated thread count takes the nearest calibrated one
+    for threads, slower in SLOWER.items():  # recovered despite the disturbed probe
+        np.testing.assert_allclose(list(cal.factors(threads).values()), slower, rtol=0.05)
+    assert cal.factors(4) == cal.factors(2)  # an uncalibrated thread count takes the nearest calibrated one
     assert cal.checkpoint == shipped.digest and cal.device_fingerprint == device_fingerprint("cpu")
     calibrated = calibration.apply(shipped, cal)
     queries = [make_query(s.graph, s.config) for s in probes]
-    raw, scaled = shipped.predict_queries(queries)[0], calibrated.predict_queries(queries)[0]
-    np.testing.assert_allclose(scaled / raw, [cal.factor(s.config.threads) for s in probes], rtol=1e-6)
-    node = calibrated.predict_node_ms(queries[-1]) / shipped.predict_node_ms(queries[-1])
-    np.testing.assert_allclose(node, cal.factor(2), rtol=1e-5)  # the node times still sum to the prediction
-    assert shipped.log_scale == {}  # applying returns a new model; the checkpoint's own is unchanged
-    assert calibration.fit(calibrated, probes).log_scale == cal.log_scale  # fitted against the raw checkpoint
-    assert "x1.50 at 1 thread, x2.00 at 2 threads" in cal.summary()
+    raw, _, shares = shipped.predict_with_shares(queries)
+    expected = [float(sh @ np.asarray(list(cal.factors(s.config.threads).values()))) for s, sh in zip(probes, shares)]
+    np.testing.assert_allclose(calibrated.predict_queries(queries)[0] / raw, expected, rtol=1e-5)
+    undisturbed = [i for i, s in enumerate(probes) if not s.variant.endswith("disturbed")]
+    measured = np.asarray([probes[i].latency_ms for i in undisturbed])
+    assert np.abs(calibrated.predict_queries([queries[i] for i in undisturbed])[0] / measured - 1).max() < 0.05
+    query = queries[-1]  # each node scaled by its own group's factor
+    groups = np.asarray(["conv" if c == "conv" else "matmul" if c in ("linear", "attention") else "other"
+                         for c in probes[-1].graph.classes])
+    node = calibrated.predict_node_ms(query) / shipped.predict_node_ms(query)
+    np.testing.assert_allclose(node, [cal.factors(2)[g] for g in groups], rtol=1e-5)
+    assert shipped.log_factors == {}  # applying returns a new model; the checkpoint's own is unchanged
+    assert calibration.fit(calibrated, probes).log_factors == cal.log_factors  # fitted against the raw checkpoint
+    assert "1 thread: conv x1.2" in cal.summary()
+
+
+def test_one_group_the_probes_lack_keeps_the_common_factor(shipped: CostModel, probes: list[Sample]) -> None:
+    """MLP probes hold no convolution: its factor stays near the probes' median ratio, not at a guess."""
+    mlp = [s for s in probes if s.family == "mlp"]
+    cal = calibration.fit(shipped, mlp)
+    common = np.median([s.latency_ms / shipped.predict_queries([make_query(s.graph, s.config)])[0][0]
+                        for s in mlp if s.config.threads == 1])
+    assert cal.factors(1)["conv"] == pytest.approx(common, rel=0.02)
+    fitted = calibration.apply(shipped, cal).predict_queries([make_query(s.graph, s.config) for s in mlp])[0]
+    np.testing.assert_allclose(fitted, [s.latency_ms for s in mlp], rtol=0.03)  # the groups it holds still fit
 
 
 def test_a_calibration_round_trips_and_is_refused_where_it_does_not_belong(
@@ -81,11 +105,14 @@ def test_a_bad_calibration_file_is_refused(shipped: CostModel, probes: list[Samp
     body = json.loads(path.read_text())
     cases = {"missing.json": None, "text.json": "not json {", "list.json": json.dumps([1, 2]),
              "version.json": json.dumps({**body, "version": 99}),
-             "nofield.json": json.dumps({k: v for k, v in body.items() if k != "log_scale"}),
-             "infinite.json": json.dumps({**body, "log_scale": {"1": math.inf}}).replace("Infinity", "1e999"),
+             "nofield.json": json.dumps({k: v for k, v in body.items() if k != "log_factors"}),
+             "groups.json": json.dumps({**body, "log_factors": {"1": {"conv": 0.1, "matmul": 0.2}}}),
+             "infinite.json": json.dumps({**body, "log_factors": {"1": {"conv": math.inf, "matmul": 0, "other": 0}}}
+                                         ).replace("Infinity", "1e999"),
              "badprobe.json": json.dumps({**body, "probes": [{"variant": "x"}]})}
     messages = {"missing.json": "does not exist", "text.json": "not readable JSON", "list.json": "this morphc reads",
-                "version.json": "version 99", "nofield.json": "malformed: KeyError", "infinite.json": "no finite scale",
+                "version.json": "version 99", "nofield.json": "malformed: KeyError",
+                "infinite.json": "no finite factors", "groups.json": "groups are not",
                 "badprobe.json": "malformed"}
     for name, text in cases.items():
         if text is not None:
@@ -103,18 +130,18 @@ def test_calibrate_measures_its_probes_once_into_a_records_database(
     db = tmp_path / "cal.sqlite"
     cal = calibration.calibrate(mlp_only, db, show_progress=False)
     assert sorted((p.batch, p.threads) for p in cal.probes) == [(1, 1), (1, 2), (8, 1), (8, 2)]
-    assert set(cal.log_scale) == {1, 2} and all(abs(s) < math.log(20) for s in cal.log_scale.values())
+    assert set(cal.log_factors) == {1, 2} and all(abs(v) < math.log(20) for f in cal.log_factors.values() for v in f)
     assert sum(1 for _ in RecordsDB(db).query(kind="latency")) == 4
     monkeypatch.setattr(dataset, "profile_interleaved", lambda *a, **k: pytest.fail("measured again"))
     again = calibration.calibrate(mlp_only, db, show_progress=False)
-    assert again.log_scale == cal.log_scale and again.measured_at == cal.measured_at
+    assert again.log_factors == cal.log_factors and again.measured_at == cal.measured_at
     with pytest.raises(CostModelError, match="none of which the corpus has"):
         calibration.probe_variants(dataclasses.replace(shipped, meta={**shipped.meta, "trained": {"groups": ["x"]}}))
 
 
 def test_cli_calibrates_and_predicts_with_the_calibration(
         shipped: CostModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from morphc.cli import main
+    from morphc.cli import load_source, main
 
     checkpoint = dataclasses.replace(shipped, meta={**shipped.meta, "trained": {"groups": ["mlp"]}}).save(
         tmp_path / "mlp-only.npz")  # probed with one variant: quick
@@ -129,8 +156,12 @@ def test_cli_calibrates_and_predicts_with_the_calibration(
     assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(checkpoint), *configs, "--calibration", str(out)]) == 0
     printed = capsys.readouterr()
     scaled = [float(line.split()[-2]) for line in printed.out.strip().splitlines()]
-    np.testing.assert_allclose(np.divide(scaled, raw), [cal.factor(1), cal.factor(2)], rtol=1e-2)
-    assert "probes: x" in printed.err
+    program = load_source("zoo:tiny_mlp", 1)
+    queries = [make_query(extract(program), CpuConfig(threads=t)) for t in (1, 2)]
+    shares = load(checkpoint).predict_with_shares(queries)[2]
+    expected = [float(sh @ np.asarray(list(cal.factors(t).values()))) for t, sh in zip((1, 2), shares)]
+    np.testing.assert_allclose(np.divide(scaled, raw), expected, rtol=1e-2)
+    assert "1 thread: conv x" in printed.err
     other = next(path for path in shipped_checkpoints() if load(path).digest != cal.checkpoint)
     assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(other), "--calibration", str(out)]) == 2
     assert main(["predict", "zoo:tiny_mlp", "--calibration", str(tmp_path / "none.json")]) == 2

@@ -56,8 +56,9 @@ def test_describes_the_checkpoint(url: str, model: cost_model.CostModel) -> None
     assert body["device_fingerprint"] == model.meta["device_fingerprint"]
     assert body["members"] == len(model.members)
     assert body["calibration_factor_by_threads"] is None
-    calibrated = dataclasses.replace(model, log_scale={1: math.log(1.5), 2: math.log(2.0)})
-    assert PredictionService(calibrated).describe()["calibration_factor_by_threads"] == {"1": 1.5, "2": 2.0}
+    calibrated = dataclasses.replace(model, log_factors={1: (0.0, math.log(1.5), math.log(2.0))})
+    assert PredictionService(calibrated).describe()["calibration_factor_by_threads"] == {
+        "1": {"conv": 1.0, "matmul": 1.5, "other": 2.0}}
 
 
 @pytest.mark.filterwarnings("ignore::morphc.predictors.cost_model.CostModelWarning")

@@ -6,11 +6,13 @@ checkpoint's corpus ran the same programs 1.4-1.8x slower in sessions 15 and 16,
 fingerprint, so nothing warned (docs/cost_model.md, "Calibration"). No graph feature can see that.
 
 A calibration times a fixed set of probe programs here: the first corpus variant of every family the
-checkpoint was trained on, at batch 1 and 8 and thread counts 1 and 2. It keeps, per thread count, the
-median over the probes of log(measured / predicted). `apply` adds that to every log prediction. The
-probes are training programs of the checkpoint, so the ratio measures the machine, not the model's
-error on new families; the median keeps one disturbed probe from moving it. The measurements go to a
-records database (`dataset.collect_corpus`), so a killed calibration keeps what it measured and
+checkpoint was trained on, at batch 1 and 8 and thread counts 1 and 2. Machines differ per kernel kind as
+well as overall (on the Intel Xeon VM the EPYC checkpoint's linear layers ran at its speed, its other
+operators 1.4-1.6x slower), so it fits, per thread count, one factor for each operator group of
+`cost_model.SPEED_GROUPS` (convolutions, matrix products, the rest). `apply` scales each prediction by its
+groups' factors weighted by their shares of its predicted node time. The probes are training programs of
+the checkpoint, so the ratios measure the machine, not the model's error on new families. The measurements
+go to a records database (`dataset.collect_corpus`), so a killed calibration keeps what it measured and
 continues where it stopped.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from morphc.predictors.corpus import VARIANTS, Variant
-from morphc.predictors.cost_model import CostModel, CostModelError, make_query, nearest_scale
+from morphc.predictors.cost_model import SPEED_GROUPS, CostModel, CostModelError, make_query, nearest_factors
 from morphc.predictors.dataset import Sample, collect_corpus, load_samples
 from morphc.predictors.profiler import LATENCY
 from morphc.predictors.records import RecordsDB, device_fingerprint
@@ -36,6 +38,11 @@ CALIBRATION_FORMAT = "morphc-cost-model-calibration"
 CALIBRATION_VERSION = 1
 PROBE_BATCHES = (1, 8)
 PROBE_THREADS = (1, 2)  # the corpus's thread counts: what the checkpoints were trained on
+GROUPS = tuple(SPEED_GROUPS)
+# How strongly each group's factor is held to the median ratio of all probes: weakly, so a group the probes
+# show gets its own speed, and a group they barely contain (no convolution at all, say) keeps the common one
+PRIOR_WEIGHT = 0.1
+ROBUST_SCALE = 0.05  # residuals (log) beyond about 5% count linearly, not squared: one disturbed probe cannot pull
 
 
 @dataclass(frozen=True)
@@ -47,30 +54,32 @@ class Probe:
     threads: int
     measured_ms: float
     predicted_ms: float  # by the uncalibrated checkpoint
+    shares: tuple[float, ...]  # of its predicted node time, per SPEED_GROUPS group
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per thread count, log(latency here / latency the checkpoint predicts), fitted to probes."""
+    """Per thread count, log(time here / time the checkpoint predicts) of each operator group, fitted to probes."""
 
     checkpoint: str  # CostModel.digest of the checkpoint it was fitted to
     device_fingerprint: str  # the machine it was measured on
     measured_at: str  # UTC, when the last probe was measured: the speed of a VM drifts between days
-    log_scale: dict[int, float]
+    log_factors: dict[int, tuple[float, ...]]  # thread count -> one per GROUPS
     probes: tuple[Probe, ...] = field(default=(), repr=False)
 
-    def factor(self, threads: int) -> float:
-        """How many times slower than the checkpoint's machine this one ran at `threads` (nearest calibrated)."""
-        return math.exp(nearest_scale(self.log_scale, threads))
+    def factors(self, threads: int) -> dict[str, float]:
+        """How many times slower than the checkpoint's machine each operator group runs here at `threads`."""
+        return dict(zip(GROUPS, np.exp(nearest_factors(self.log_factors, threads)).tolist(), strict=True))
 
     def residuals(self) -> np.ndarray:
-        """Each probe's log(measured / calibrated prediction): how uniformly the machine differs."""
-        return np.asarray([math.log(p.measured_ms / p.predicted_ms) - self.log_scale[p.threads]
+        """Each probe's log(measured / calibrated prediction): what the factors do not explain."""
+        return np.asarray([math.log(p.measured_ms / _calibrated(p, self.log_factors[p.threads]))
                            for p in self.probes])
 
     def summary(self) -> str:
-        scales = ", ".join(f"x{math.exp(s):.2f} at {t} thread{'s' * (t > 1)}"
-                           for t, s in sorted(self.log_scale.items()))
+        scales = "; ".join(f"{t} thread{'s' * (t > 1)}: " + ", ".join(f"{g} x{f:.2f}"
+                                                                      for g, f in self.factors(t).items())
+                           for t in sorted(self.log_factors))
         spread = float(np.median(np.abs(self.residuals()))) if self.probes else float("nan")
         return (f"calibrated on {self.measured_at} from {len(self.probes)} probes: {scales} "
                 f"(probes within a median {100 * (math.exp(spread) - 1):.1f}% of it)")
@@ -80,10 +89,14 @@ class Calibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "checkpoint": self.checkpoint,
                 "device_fingerprint": self.device_fingerprint, "measured_at": self.measured_at,
-                "log_scale": {str(t): s for t, s in sorted(self.log_scale.items())},
+                "log_factors": {str(t): dict(zip(GROUPS, f, strict=True)) for t, f in sorted(self.log_factors.items())},
                 "probes": [dataclasses.asdict(p) for p in self.probes]}
         path.write_text(json.dumps(body, indent=1) + "\n")
         return path
+
+
+def _calibrated(probe: Probe, log_factors: Sequence[float]) -> float:
+    return probe.predicted_ms * float(np.dot(probe.shares, np.exp(log_factors)))
 
 
 def load(path: str | Path) -> Calibration:
@@ -102,14 +115,17 @@ def load(path: str | Path) -> Calibration:
         raise CostModelError(f"calibration '{path}' is {found}; this morphc reads {CALIBRATION_FORMAT!r} "
                              f"version {CALIBRATION_VERSION}")
     try:
-        log_scale = {int(t): float(s) for t, s in body["log_scale"].items()}
-        probes = tuple(Probe(**p) for p in body["probes"])
+        groups = {int(t): f for t, f in body["log_factors"].items()}
+        if any(sorted(f) != sorted(GROUPS) for f in groups.values()):
+            raise ValueError(f"its operator groups are not {list(GROUPS)}")
+        log_factors = {t: tuple(float(f[g]) for g in GROUPS) for t, f in groups.items()}
+        probes = tuple(Probe(**{**p, "shares": tuple(p["shares"])}) for p in body["probes"])
         cal = Calibration(str(body["checkpoint"]), str(body["device_fingerprint"]), str(body["measured_at"]),
-                          log_scale, probes)
+                          log_factors, probes)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CostModelError(f"calibration '{path}' is malformed: {exc!r}") from exc
-    if not log_scale or not all(math.isfinite(s) for s in log_scale.values()):
-        raise CostModelError(f"calibration '{path}' holds no finite scale: {body['log_scale']}")
+    if not log_factors or not all(math.isfinite(v) for f in log_factors.values() for v in f):
+        raise CostModelError(f"calibration '{path}' holds no finite factors: {body['log_factors']}")
     return cal
 
 
@@ -127,8 +143,12 @@ def probe_variants(model: CostModel) -> list[Variant]:
 
 
 def fit(model: CostModel, samples: Sequence[Sample]) -> Calibration:
-    """The calibration of `model` to the machine `samples` were measured on: per thread count, the median
-    of log(measured / predicted) over the samples at that count."""
+    """The calibration of `model` to the machine `samples` were measured on. Per thread count, each operator
+    group's factor f_g is fitted so that predicted x sum_g(share_g x f_g) matches the measurements in log space,
+    with a robust loss (one disturbed probe cannot pull) and a weak pull of every f_g towards the median ratio
+    of all probes (a group the probes barely hold keeps that)."""
+    from scipy.optimize import least_squares
+
     if model.device_kind != "cpu":
         raise CostModelError(f"only CPU checkpoints can be calibrated (this one is '{model.device_kind}'): a "
                              "GPU's speed is set by its SM share, a config knob")
@@ -136,12 +156,23 @@ def fit(model: CostModel, samples: Sequence[Sample]) -> Calibration:
     if not usable:
         raise CostModelError("no usable probe measurements to calibrate with (all were disturbed: measure again "
                              "on a quieter machine)")
-    predicted = model.uncalibrated().predict_queries([make_query(s.graph, s.config) for s in usable])[0]
-    probes = tuple(Probe(s.variant, s.config.batch, s.config.threads, s.latency_ms, float(p))
-                   for s, p in zip(usable, predicted))
-    log_scale = {t: float(np.median([math.log(p.measured_ms / p.predicted_ms) for p in probes if p.threads == t]))
-                 for t in sorted({p.threads for p in probes})}
-    return Calibration(model.digest, device_fingerprint("cpu"), _now(), log_scale, probes)
+    predicted, _, shares = model.uncalibrated().predict_with_shares([make_query(s.graph, s.config) for s in usable])
+    probes = tuple(Probe(s.variant, s.config.batch, s.config.threads, s.latency_ms, float(p), tuple(sh.tolist()))
+                   for s, p, sh in zip(usable, predicted, shares, strict=True))
+    log_factors = {}
+    for t in sorted({p.threads for p in probes}):
+        these = [p for p in probes if p.threads == t]
+        share = np.asarray([p.shares for p in these])
+        log_ratio = np.log([p.measured_ms / p.predicted_ms for p in these])
+        common = float(np.median(log_ratio))
+
+        def residuals(theta: np.ndarray, share: np.ndarray = share, log_ratio: np.ndarray = log_ratio,
+                      common: float = common) -> np.ndarray:
+            return np.concatenate([np.log(share @ np.exp(theta)) - log_ratio, PRIOR_WEIGHT * (theta - common)])
+
+        found = least_squares(residuals, np.full(len(GROUPS), common), loss="soft_l1", f_scale=ROBUST_SCALE)
+        log_factors[t] = tuple(float(v) for v in found.x)
+    return Calibration(model.digest, device_fingerprint("cpu"), _now(), log_factors, probes)
 
 
 def calibrate(model: CostModel, db: RecordsDB | str | Path, *, cache_dir: str | Path | None = None,
@@ -171,7 +202,7 @@ def apply(model: CostModel, calibration: Calibration) -> CostModel:
     if calibration.device_fingerprint != here:
         raise CostModelError(f"the calibration was measured on '{calibration.device_fingerprint}', this machine is "
                              f"'{here}': calibrate here (`morphc calibrate-cost-model`)")
-    return dataclasses.replace(model.uncalibrated(), log_scale=dict(calibration.log_scale))
+    return dataclasses.replace(model.uncalibrated(), log_factors=dict(calibration.log_factors))
 
 
 def _now(timestamp: float | None = None) -> str:

@@ -49,6 +49,7 @@ from morphc.predictors.features import (
     FEATURE_SCHEMA,
     GRAPH_DIM,
     NODE_DIM,
+    OP_CLASSES,
     VOCAB_COLUMNS,
     VOCAB_NAMES,
     OpGraph,
@@ -68,6 +69,12 @@ DEFAULT_CHECKPOINT = "cpu-default.npz"
 DEFAULT_MEMBERS = 4  # ensemble size of the shipped checkpoint (see train)
 NODE_FLOOR_MS = 1e-3  # per-operator times below a microsecond are measurement noise: compared above this floor
 NODE_LOSS = 0.2  # weight of the per-operator loss (see train)
+# The operator groups a calibration gives their own speed (`morphc.predictors.calibration`): machines differ per
+# kernel kind. On the Intel Xeon VM the EPYC checkpoint's linear layers ran at its speed, its convolutions 1.4x
+# slower and the rest 1.6x. Every class not named is in the last group.
+SPEED_GROUPS: dict[str, tuple[str, ...]] = {"conv": ("conv",), "matmul": ("linear", "attention"), "other": ()}
+_CLASS_GROUP = np.asarray([[float(cls in members or (not members and not any(cls in m for m in SPEED_GROUPS.values())))
+                            for members in SPEED_GROUPS.values()] for cls in OP_CLASSES], dtype=np.float32)
 
 
 class CostModelError(MorphcError):
@@ -205,17 +212,26 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
 
 
 def _compile_forward(members: Sequence[LatencyGNN]
-                     ) -> Callable[[dict[str, np.ndarray], int], tuple[jax.Array, jax.Array]]:
+                     ) -> Callable[[dict[str, np.ndarray], int], tuple[jax.Array, jax.Array, jax.Array]]:
     """One plain jax.jit over the members' split states (no NNX graph traversal per query): the mean of
-    their log-ms predictions, and the first member's embedding."""
+    their log-ms predictions, the first member's embedding, and each graph's node time split by SPEED_GROUPS
+    (shares of the members' node times averaged in log space: what a calibration's factors weigh)."""
     graphdef, _ = nnx.split(members[0])
     states = [nnx.split(m)[1] for m in members]
+    class_group = jnp.asarray(_CLASS_GROUP)
 
     @partial(jax.jit, static_argnums=(2,))
     def forward(states: list[nnx.State], batch: dict[str, jax.Array], num_graphs: int
-                ) -> tuple[jax.Array, jax.Array]:
-        outs = [nnx.merge(graphdef, state)(batch, num_graphs) for state in states]
-        return jnp.mean(jnp.stack([log_ms for log_ms, _ in outs]), axis=0), outs[0][1]
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        outs = [nnx.merge(graphdef, state).with_nodes(batch, num_graphs) for state in states]
+        z = jnp.mean(jnp.stack([nodes for _, _, nodes in outs]), axis=0)
+        gid, segments = batch["graph"], num_graphs + 1
+        zmax = jax.ops.segment_max(z, gid, segments)
+        zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
+        weight = jnp.exp(z - zmax[gid])[:, None] * (batch["x"][:, :len(OP_CLASSES)] @ class_group)
+        per_group = jax.ops.segment_sum(weight, gid, segments)[:num_graphs]
+        shares = per_group / jnp.maximum(per_group.sum(axis=-1, keepdims=True), 1e-30)
+        return jnp.mean(jnp.stack([log_ms for log_ms, _, _ in outs]), axis=0), outs[0][1], shares
 
     return lambda batch, num_graphs: forward(states, batch, num_graphs)
 
@@ -232,9 +248,10 @@ class CostModel:
     meta: dict[str, Any]
     # an operator name no training graph had is predicted as if its name were hidden (see _hide_op_names)
     hide_unseen_ops: bool = True
-    # per intra-op thread count: log(this machine's latency / the checkpoint machine's), added to every log
-    # prediction; set by a calibration (`morphc.predictors.calibration.apply`), empty for the checkpoint's machine
-    log_scale: dict[int, float] = field(default_factory=dict)
+    # per intra-op thread count, log(this machine's time / the checkpoint machine's) of each SPEED_GROUPS group's
+    # operators: a prediction is scaled by its groups' factors weighted by their shares of its node time. Set by a
+    # calibration (`morphc.predictors.calibration.apply`); empty for the checkpoint's own machine
+    log_factors: dict[int, tuple[float, ...]] = field(default_factory=dict)
     _graphs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)  # the warnings given (each once)
     _forward: Callable[..., tuple[jax.Array, jax.Array]] | None = field(default=None, repr=False)
@@ -283,23 +300,31 @@ class CostModel:
 
     def predict_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
         """(latency ms [Q], embeddings [Q, D]) for prepared queries, in chunks of up to 64 graphs."""
-        preds, embs = [], []
+        ms, emb, shares = self.predict_with_shares(queries)
+        if self.log_factors:
+            ms = ms * np.einsum("qg,qg->q", shares, np.exp([self.factors_of(q.threads) for q in queries]))
+        return ms, emb
+
+    def predict_with_shares(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Uncalibrated (latency ms [Q], embeddings [Q, D], share of each SPEED_GROUPS group in the node time
+        [Q, groups]) for prepared queries: what a calibration is fitted to."""
+        preds, embs, shares = [], [], []
         queries = self._names_seen(queries)
         for start in range(0, len(queries), 64):
             chunk = queries[start:start + 64]
             batch, g = pack(chunk)
             if self._forward is None:
                 self._forward = _compile_forward(self.members)
-            log_ms, emb = self._forward(batch, g)
-            scale = np.asarray([self.scale_of(q.threads) for q in chunk])
-            preds.append(np.exp(np.asarray(log_ms, dtype=np.float64)[:len(chunk)] + scale))
+            log_ms, emb, share = self._forward(batch, g)
+            preds.append(np.exp(np.asarray(log_ms, dtype=np.float64))[:len(chunk)])
             embs.append(np.asarray(emb)[:len(chunk)])
+            shares.append(np.asarray(share, dtype=np.float64)[:len(chunk)])
         if not preds:
-            return np.zeros(0), np.zeros((0, 2 * int(self.meta["hidden"])))
+            return np.zeros(0), np.zeros((0, 2 * int(self.meta["hidden"]))), np.zeros((0, len(SPEED_GROUPS)))
         out = np.concatenate(preds)
         if not np.all(np.isfinite(out)):
             raise CostModelError("the cost model produced a non-finite prediction (corrupt checkpoint?)")
-        return out, np.concatenate(embs)
+        return out, np.concatenate(embs), np.concatenate(shares)
 
     def predict_node_ms(self, query: Query) -> np.ndarray:
         """[N] each operator's own predicted time in ms (the members' node times averaged in log space), the
@@ -309,15 +334,20 @@ class CostModel:
         query = self._names_seen([query])[0]
         batch = {k: jnp.asarray(v) for k, v in pack([query])[0].items()}
         z = np.mean([np.asarray(m.with_nodes(batch, 1)[2]) for m in self.members], axis=0)
-        return np.exp(z[:query.x.shape[0]].astype(np.float64) + self.scale_of(query.threads))
+        z = z[:query.x.shape[0]].astype(np.float64)
+        if self.log_factors:
+            groups = query.x[:, :len(OP_CLASSES)] @ _CLASS_GROUP  # one-hot [N, groups]
+            z = z + groups @ np.asarray(self.factors_of(query.threads))
+        return np.exp(z)
 
-    def scale_of(self, threads: int) -> float:
-        """The calibrated log scale for `threads` intra-op threads (see `nearest_scale`)."""
-        return nearest_scale(self.log_scale, threads)
+    def factors_of(self, threads: int) -> tuple[float, ...]:
+        """The calibrated log factor of each SPEED_GROUPS group at `threads` intra-op threads: those of the
+        nearest calibrated thread count (the larger one on a tie); zeros where the model is not calibrated."""
+        return nearest_factors(self.log_factors, threads)
 
     def uncalibrated(self) -> CostModel:
         """This model predicting for the checkpoint's own machine (no calibration), sharing its caches."""
-        return dataclasses.replace(self, log_scale={}, _graphs=self._graphs, _forward=self._forward)
+        return dataclasses.replace(self, log_factors={}, _graphs=self._graphs, _forward=self._forward)
 
     @property
     def digest(self) -> str:
@@ -382,11 +412,11 @@ class CostModel:
         return path
 
 
-def nearest_scale(log_scale: dict[int, float], threads: int) -> float:
-    """The log scale calibrated for the thread count nearest `threads` (the larger on a tie); 0 if none."""
-    if not log_scale:
-        return 0.0
-    return log_scale[min(log_scale, key=lambda t: (abs(t - threads), -t))]
+def nearest_factors(log_factors: dict[int, tuple[float, ...]], threads: int) -> tuple[float, ...]:
+    """The log factors calibrated for the thread count nearest `threads` (the larger on a tie); zeros if none."""
+    if not log_factors:
+        return (0.0,) * len(SPEED_GROUPS)
+    return log_factors[min(log_factors, key=lambda t: (abs(t - threads), -t))]
 
 
 def _param_leaves(model: LatencyGNN) -> list[tuple[str, jax.Array]]:

@@ -32,7 +32,7 @@ from typing import Any
 from morphc.errors import MorphcError
 from morphc.ir.program import Program
 from morphc.ir.serialization import load
-from morphc.predictors.cost_model import CostModel
+from morphc.predictors.cost_model import SPEED_GROUPS, CostModel
 from morphc.predictors.spaces import config_from_dict, parse_config
 
 DEFAULT_MAX_BODY = 2 << 30  # a saved BERT-base, base64-encoded, is ~0.6 GB
@@ -51,7 +51,8 @@ class PredictionService:
 
     def describe(self) -> dict[str, Any]:
         keep = ("device_kind", "device_fingerprint", "feature_schema", "format", "version", "target", "trained")
-        calibrated = {str(t): round(math.exp(v), 4) for t, v in sorted(self.model.log_scale.items())}
+        calibrated = {str(t): {g: round(math.exp(v), 4) for g, v in zip(SPEED_GROUPS, f, strict=True)}
+                      for t, f in sorted(self.model.log_factors.items())}
         return {**{k: self.model.meta[k] for k in keep if k in self.model.meta}, "members": len(self.model.members),
                 "calibration_factor_by_threads": calibrated or None}
 
