@@ -202,12 +202,10 @@ def _cost_model(args: argparse.Namespace) -> Any:
     machine with `--calibration` where given."""
     from morphc.predictors import calibration, cost_model
 
-    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
-    if getattr(args, "calibration", None):
-        cal = calibration.load(args.calibration)
-        model = calibration.apply(model, cal)
-        console.print(f"[dim]{cal.summary()}[/dim]")
-    return model
+    if not getattr(args, "calibration", None):
+        return cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    console.print(f"[dim]{calibration.load(args.calibration).summary()}[/dim]")
+    return calibration.load_calibrated(args.calibration, args.checkpoint)
 
 
 def cmd_calibrate_cost_model(args: argparse.Namespace) -> int:

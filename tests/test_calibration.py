@@ -165,3 +165,19 @@ def test_cli_calibrates_and_predicts_with_the_calibration(
     other = next(path for path in shipped_checkpoints() if load(path).digest != cal.checkpoint)
     assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(other), "--calibration", str(out)]) == 2
     assert main(["predict", "zoo:tiny_mlp", "--calibration", str(tmp_path / "none.json")]) == 2
+
+
+def test_a_checkpoint_of_another_machine_calibrated_here_no_longer_warns(probes: list[Sample]) -> None:
+    import warnings
+
+    from morphc.predictors.cost_model import CostModelWarning
+
+    here = device_fingerprint("cpu")
+    other = next(load(path) for path, fp in shipped_checkpoints().items() if fp != here)
+    program = dataset.lowered(MLP, 1)
+    with pytest.warns(CostModelWarning, match="predictions are for the former .calibrate it"):
+        other.predict_many([(program, CpuConfig())])
+    calibrated = calibration.apply(other, calibration.fit(other, probes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CostModelWarning)
+        assert calibrated.predict_many([(program, CpuConfig())])[0] > 0

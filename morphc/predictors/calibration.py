@@ -205,6 +205,14 @@ def apply(model: CostModel, calibration: Calibration) -> CostModel:
     return dataclasses.replace(model.uncalibrated(), log_factors=dict(calibration.log_factors))
 
 
+def load_calibrated(calibration: str | Path, checkpoint: str | Path | None = None) -> CostModel:
+    """The checkpoint (default: the shipped one for this machine) with the calibration saved at `calibration`
+    applied: what a PassContext's `cost_model` should be on a machine that was calibrated."""
+    from morphc.predictors import cost_model
+
+    return apply(cost_model.load(checkpoint) if checkpoint else cost_model.load_default(), load(calibration))
+
+
 def _now(timestamp: float | None = None) -> str:
     when = _dt.datetime.fromtimestamp(timestamp, _dt.UTC) if timestamp is not None else _dt.datetime.now(_dt.UTC)
     return when.strftime("%Y-%m-%d %H:%M UTC")

@@ -274,11 +274,14 @@ class CostModel:
             warnings.warn(f"cost model was trained on latencies measured {protocol[trained_flushed]}, the query "
                           f"asks for {protocol[not trained_flushed]}: predictions are for the former (they differ "
                           "where a program computes on subnormals, on Intel CPUs)", CostModelWarning, stacklevel=3)
-        if "machine" not in self._warned and self.meta["device_fingerprint"] != device_fingerprint():
+        other_machine = self.meta["device_fingerprint"] != device_fingerprint()
+        # a calibrated model predicts this machine: calibration.apply checked the calibration was measured here
+        if "machine" not in self._warned and other_machine and not self.log_factors:
             self._warned.add("machine")
             warnings.warn(f"cost model describes '{self.meta['device_fingerprint']}', this machine is "
-                          f"'{device_fingerprint()}': predictions are for the former (retrain with "
-                          "`morphc profile --corpus` + `morphc train-cost-model` for this one)",
+                          f"'{device_fingerprint()}': predictions are for the former (calibrate it to this one "
+                          "with `morphc calibrate-cost-model`, or retrain with `morphc profile --corpus` + "
+                          "`morphc train-cost-model`)",
                           CostModelWarning, stacklevel=3)
 
     def graph_of(self, program: Program) -> tuple[OpGraph, np.ndarray]:
