@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from morphc.predictors.corpus import VARIANTS, Variant
-from morphc.predictors.cost_model import SPEED_GROUPS, CostModel, CostModelError, make_query, nearest_factors
+from morphc.predictors.cost_model import (
+    SPEED_GROUPS,
+    CostModel,
+    CostModelError,
+    load_default,
+    make_query,
+    nearest_factors,
+)
+from morphc.predictors.cost_model import load as load_checkpoint
 from morphc.predictors.dataset import Sample, collect_corpus, load_samples
 from morphc.predictors.profiler import LATENCY
 from morphc.predictors.records import RecordsDB, device_fingerprint
@@ -208,9 +216,7 @@ def apply(model: CostModel, calibration: Calibration) -> CostModel:
 def load_calibrated(calibration: str | Path, checkpoint: str | Path | None = None) -> CostModel:
     """The checkpoint (default: the shipped one for this machine) with the calibration saved at `calibration`
     applied: what a PassContext's `cost_model` should be on a machine that was calibrated."""
-    from morphc.predictors import cost_model
-
-    return apply(cost_model.load(checkpoint) if checkpoint else cost_model.load_default(), load(calibration))
+    return apply(load_checkpoint(checkpoint) if checkpoint else load_default(), load(calibration))
 
 
 def _now(timestamp: float | None = None) -> str:
