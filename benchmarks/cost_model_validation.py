@@ -51,6 +51,10 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--with-b", action="store_true", help="also report split (b), for information only")
+    parser.add_argument("--reuse-baseline", action="append", default=[], metavar="RESULTS_JSON",
+                        help="take the baseline's runs from an earlier results file of this script (repeatable) "
+                             "instead of training them again: training is deterministic (the same seed gives the "
+                             "same network), so only the same --db and --steps are accepted")
     parser.add_argument("--out", default="cost_model_validation")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -84,6 +88,7 @@ def main() -> int:
         cases.append(("(b): " + ",".join(HELD_OUT_FAMILIES), train_s, test_b))
 
     runs: list[dict[str, Any]] = []
+    reused = _reused_baseline(parser, args)
     start = time.time()
     for spec, fit, val in cases:
         true = np.asarray([s.latency_ms for s in val])
@@ -91,6 +96,10 @@ def main() -> int:
             models: dict[str, Any] = {}
             for arm, (added, train_options) in arms.items():
                 items = [TrainItem(s.graph, s.config, s.latency_ms, s.runtime, s.family) for s in fit + added]
+                if arm == "baseline" and (spec, seed) in reused:
+                    runs.append(reused[spec, seed])
+                    print(f"{spec} seed {seed} baseline: MAPE {runs[-1]['mape_pct']:.1f}% (reused)", flush=True)
+                    continue
                 if arm == "candidate" and not added and not train_options:  # it differs only at prediction
                     model = models["baseline"]
                 else:
@@ -118,14 +127,31 @@ def main() -> int:
     return 0
 
 
+def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], Any]:
+    """(split, seed) -> the baseline run recorded in the --reuse-baseline files, refusing another db or steps."""
+    import json
+
+    found: dict[tuple[str, int], Any] = {}
+    for path in args.reuse_baseline:
+        payload = json.loads(Path(path).read_text())
+        settings = payload["settings"]
+        if Path(settings["db"]).resolve() != Path(args.db).resolve() or settings["steps"] != args.steps:
+            parser.error(f"--reuse-baseline {path}: measured on db {settings['db']} with {settings['steps']} steps; "
+                         f"this run uses {args.db} with {args.steps}")
+        for run in payload["results"]["runs"]:
+            if run["arm"] == "baseline":
+                found[run["split"], run["seed"]] = run
+    return found
+
+
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
 TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss",
-           "context_bound")
+           "context_bound", "context_classes")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
 
 
-def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, float | int]:
+def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, Any]:
     """`["node_loss=0.5", "hidden=96"]` -> {"node_loss": 0.5, "hidden": 96}, refusing what train() cannot take."""
     import inspect
 
@@ -133,12 +159,15 @@ def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[st
 
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
     defaults |= {f.name: f.default for f in dataclasses.fields(CostModel) if f.name in PREDICT_TIME}
-    options: dict[str, float | int] = {}
+    options: dict[str, Any] = {}
     for spec in specs:
         key, sep, raw = spec.partition("=")
         if not sep or key not in defaults:
             parser.error(f"--option {spec}: expected KEY=VALUE with KEY one of {', '.join(TUNABLE + PREDICT_TIME)}")
         kind = type(defaults[key])
+        if kind is tuple:  # names joined by "+", e.g. context_classes=conv+pool
+            options[key] = tuple(raw.split("+"))  # type: ignore[assignment]
+            continue
         try:
             options[key] = bool(int(raw)) if kind is bool else kind(raw)
         except ValueError:

@@ -247,6 +247,39 @@ def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tupl
     np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)
 
 
+def test_a_context_bound_for_some_classes_bounds_only_their_nodes(tiny_model: tuple, tmp_path: Path) -> None:
+    """`context_classes` limits the bound to the named operator classes: what the context adds to their nodes stays
+    within +-bound when every other node changes, the others are free; the option survives a round trip, and
+    nonsense is refused."""
+    import jax.numpy as jnp
+
+    items = tiny_model[2]
+    model, _ = train(items, hidden=16, layers=2, steps=60, batch_size=8, lr=1e-2, context_bound=0.05,
+                     context_classes=("linear",), show_progress=False)
+    again = load(model.save(tmp_path / "bounded.npz"))
+    assert again.meta["context_classes"] == ["linear"]
+    item = items[5]
+    query = make_query(item.graph, item.config)
+    moved = {}
+    for cls in ("linear", "activation"):
+        node = item.graph.classes.index(cls)
+        others = np.arange(len(query.x)) != node
+        x = query.x.copy()
+        x[others] += np.random.default_rng(0).normal(0.0, 3.0, size=x[others].shape).astype(np.float32)
+        changed = cost_model.Query(x, query.work, query.edges, query.gfeat)
+        times = [np.asarray(again.members[0].with_nodes({k: jnp.asarray(v) for k, v in cost_model.pack([q])[0].items()},
+                                                         1)[2]) for q in (query, changed)]
+        moved[cls] = abs(times[1][node] - times[0][node])
+    # what the context adds lies within +-bound, so two contexts differ by less than twice it
+    assert 0.0 < moved["linear"] < 2 * 0.05 < moved["activation"]  # only the named class is held
+    with pytest.raises(ValueError, match="unknown operator classes \\['pools'\\]; valid: input"):
+        train(items, steps=1, context_bound=0.5, context_classes=("pools",), show_progress=False)
+    with pytest.raises(ValueError, match="needs context_bound > 0"):
+        train(items, steps=1, context_classes=("pool",), show_progress=False)
+    queries = [make_query(it.graph, it.config) for it in items]
+    np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)
+
+
 def test_node_times_are_the_terms_the_prediction_sums(tiny_model: tuple) -> None:
     """Per-operator predictions (for diagnosis) are what the graph's prediction adds up before its graph-level
     correction: one per node, positive, their sum times exp(correction) is the prediction."""

@@ -94,7 +94,7 @@ class LatencyGNN(nnx.Module):
     """Message passing over dataflow edges + per-node log-time head + graph-level MLP correction."""
 
     def __init__(self, node_dim: int, graph_dim: int, hidden: int = 64, layers: int = 3,
-                 context_bound: float = 0.0, *, rngs: nnx.Rngs) -> None:
+                 context_bound: float = 0.0, context_classes: Sequence[str] = (), *, rngs: nnx.Rngs) -> None:
         self.embed = nnx.Linear(node_dim, hidden, rngs=rngs)
         self.msg_fwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
         self.msg_bwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
@@ -102,11 +102,14 @@ class LatencyGNN(nnx.Module):
         self.norms = nnx.List([nnx.LayerNorm(hidden, rngs=rngs) for _ in range(layers)])
         # per node: log ms per GFLOP, log ms per GB moved, log ms of fixed overhead (a roofline with
         # learned, context-dependent coefficients); initialised near a single CPU core's values
+        every_class = context_bound and not context_classes
         self.node_head = nnx.Linear(hidden, 3, rngs=rngs, kernel_init=nnx.initializers.normal(0.01),
-                                    bias_init=lambda *_: jnp.asarray((0.0,) * 3 if context_bound else NODE_HEAD_INIT))
+                                    bias_init=lambda *_: jnp.asarray((0.0,) * 3 if every_class else NODE_HEAD_INIT))
         # context_bound > 0: the coefficients come from the node's own features alone (`local`), and what the
-        # messages add is bounded to +-context_bound in log space; see train's `context_bound`
+        # messages add is bounded to +-context_bound in log space; only for the operator classes in
+        # context_classes where it names some (their columns of the class one-hot); see train's `context_bound`
         self.context_bound = context_bound
+        self.context_columns = tuple(OP_CLASSES.index(c) for c in context_classes)
         self.local: nnx.Linear | None = nnx.data(None)
         self.local_head: nnx.Linear | None = nnx.data(None)
         if context_bound:
@@ -142,7 +145,13 @@ class LatencyGNN(nnx.Module):
         coef = self.node_head(h)
         if self.local is not None and self.local_head is not None:
             bound = self.context_bound
-            coef = self.local_head(nnx.gelu(self.local(x))) + bound * jnp.tanh(coef / bound)
+            local = self.local_head(nnx.gelu(self.local(x)))
+            if not self.context_columns:
+                coef = local + bound * jnp.tanh(coef / bound)
+            else:  # the node head starts at the roofline init here, and its departure from it is bounded
+                chosen = x[:, list(self.context_columns)].sum(axis=-1, keepdims=True) > 0
+                bounded = local + bound * jnp.tanh((coef - jnp.asarray(NODE_HEAD_INIT)) / bound)
+                coef = jnp.where(chosen, bounded, coef)
         scales = jnp.log(jnp.concatenate([batch["work"], jnp.ones_like(batch["work"][:, :1])], axis=-1) + 1e-12)
         z = jnp.where(mask > 0, jax.nn.logsumexp(coef + scales, axis=-1), -jnp.inf)
         zmax = jax.ops.segment_max(z, gid, segments)
@@ -434,7 +443,8 @@ def _array_name(member: int, index: int) -> str:
 
 def _new_model(meta: dict[str, Any], seed: int = 0) -> LatencyGNN:
     return LatencyGNN(NODE_DIM, GRAPH_DIM, int(meta["hidden"]), int(meta["layers"]),
-                      float(meta.get("context_bound", 0.0)), rngs=nnx.Rngs(seed))
+                      float(meta.get("context_bound", 0.0)), tuple(meta.get("context_classes", ())),
+                      rngs=nnx.Rngs(seed))
 
 
 def load(path: str | Path | io.BytesIO) -> CostModel:
@@ -549,7 +559,7 @@ class TrainItem:
 def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int = 64, layers: int = 3,
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
           runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS,
-          context_bound: float = 0.0, seed: int = 0, members: int = 1,
+          context_bound: float = 0.0, context_classes: Sequence[str] = (), seed: int = 0, members: int = 1,
           show_progress: bool = True) -> tuple[CostModel, list[float]]:
     """Train `members` LatencyGNNs on `items` (seeds seed, seed+1, ...: their own initialisation, batches
     and dropout masks); returns the ensemble and the loss per step (MSE of log latency, mean over members).
@@ -572,7 +582,8 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
     their measured time, `poolcnn`'s at 0.9-1.0x). 0.5 is the largest in-program slowdown measured for a
     small operator (about 1.5x its time alone; docs/cost_model.md, session 8). Judged on validation families
     over 8 seeds (session 15) it was better by 0.8 points on average, less than twice its standard error, so
-    it is not the default.
+    it is not the default. `context_classes` bounds only the operators of those classes (e.g. ("conv", "pool"):
+    the diagnosis was about pools, and the bound cost the transformers), the others keep the unbounded head.
     """
     if not items:
         raise ValueError("train() needs at least one item (is the records database empty?)")
@@ -580,6 +591,10 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
         raise ValueError(f"members must be >= 1, got {members}")
     if context_bound < 0:
         raise ValueError(f"context_bound must be >= 0 (0: unbounded context, the default), got {context_bound}")
+    if unknown := [c for c in context_classes if c not in OP_CLASSES]:
+        raise ValueError(f"context_classes names unknown operator classes {unknown}; valid: {', '.join(OP_CLASSES)}")
+    if context_classes and not context_bound:
+        raise ValueError("context_classes needs context_bound > 0 (it says which operators the bound applies to)")
     kinds = sorted({it.config.device for it in items})
     if len(kinds) > 1:
         raise ValueError(f"train() fits one device kind (a checkpoint predicts one); the items mix {kinds}")
@@ -606,6 +621,7 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "feature_schema": FEATURE_SCHEMA,
             "node_dim": NODE_DIM, "graph_dim": GRAPH_DIM, "hidden": hidden, "layers": layers,
             **({"context_bound": context_bound} if context_bound else {}),
+            **({"context_classes": list(context_classes)} if context_classes else {}),
             "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
             "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit], "flush_denormal": flushed.pop(),
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
