@@ -13,7 +13,9 @@ whose samples are added to every training set and never tested; `--option KEY=VA
 keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`, `hidden=96`,
 `op_dropout=0.1`), or a `CostModel` field that changes only how the trained network predicts
 (`hide_unseen_ops=0`: the candidate is then the baseline's own network, predicting the other way).
-`--with-b` also reports split (b), for information only.
+`--with-b` also reports split (b), for information only. `--reuse-baseline RESULTS_JSON` takes the baseline's
+runs from an earlier run of this script (training is deterministic: the same seed gives the same network, checked
+to the last digit in session 16), so that a candidate costs only its own trainings.
 
     python benchmarks/cost_model_validation.py --extra-db benchmarks/results/cost_model_randcell.sqlite \\
         --seeds 0,1,2,3 --with-b --out cost_model_validation_randcell
