@@ -54,7 +54,7 @@ def main() -> int:
     from morphc.predictors.dataset import cpu_device, load_samples
     from morphc.predictors.records import RecordsDB
 
-    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    model = cost_model.load_or_default(args.checkpoint)
     device = cpu_device(RecordsDB(args.db))
     samples = [s for s in load_samples(args.db, device=device) if not s.unstable]
     probe_names = {v.name for v in calibration.probe_variants(model)}

@@ -202,10 +202,12 @@ def _cost_model(args: argparse.Namespace) -> Any:
     machine with `--calibration` where given."""
     from morphc.predictors import calibration, cost_model
 
+    model = cost_model.load_or_default(args.checkpoint)
     if not getattr(args, "calibration", None):
-        return cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
-    console.print(f"[dim]{calibration.load(args.calibration).summary()}[/dim]")
-    return calibration.load_calibrated(args.calibration, args.checkpoint)
+        return model
+    cal = calibration.load(args.calibration)
+    console.print(f"[dim]{cal.summary()}[/dim]")
+    return calibration.apply(model, cal)
 
 
 def cmd_calibrate_cost_model(args: argparse.Namespace) -> int:
@@ -215,7 +217,7 @@ def cmd_calibrate_cost_model(args: argparse.Namespace) -> int:
 
     from morphc.predictors import calibration, cost_model
 
-    model = cost_model.load(args.checkpoint) if args.checkpoint else cost_model.load_default()
+    model = cost_model.load_or_default(args.checkpoint)
     db = args.db or f".morphc/calibration-{dt.datetime.now(dt.UTC):%Y-%m-%d}.sqlite"
     Path(db).parent.mkdir(parents=True, exist_ok=True)
     cal = calibration.calibrate(model, db, cache_dir=args.cache)

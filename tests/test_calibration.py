@@ -149,6 +149,7 @@ def test_cli_calibrates_and_predicts_with_the_calibration(
     assert main(["calibrate-cost-model", "--checkpoint", str(checkpoint), "--db", str(tmp_path / "cal.sqlite"),
                  "-o", str(out)]) == 0
     cal = calibration.load(out)
+    assert calibration.load_calibrated(out, checkpoint).log_factors == cal.log_factors  # what a PassContext gets
     assert len(cal.probes) == 4 and "measurements in" in capsys.readouterr().err
     configs = ["--config", "threads=1", "--config", "threads=2"]
     assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(checkpoint), *configs]) == 0

@@ -33,11 +33,10 @@ from morphc.predictors.cost_model import (
     SPEED_GROUPS,
     CostModel,
     CostModelError,
-    load_default,
+    load_or_default,
     make_query,
     nearest_factors,
 )
-from morphc.predictors.cost_model import load as load_checkpoint
 from morphc.predictors.dataset import Sample, collect_corpus, load_samples
 from morphc.predictors.profiler import LATENCY
 from morphc.predictors.records import RecordsDB, device_fingerprint
@@ -164,7 +163,7 @@ def fit(model: CostModel, samples: Sequence[Sample]) -> Calibration:
     if not usable:
         raise CostModelError("no usable probe measurements to calibrate with (all were disturbed: measure again "
                              "on a quieter machine)")
-    predicted, _, shares = model.uncalibrated().predict_with_shares([make_query(s.graph, s.config) for s in usable])
+    predicted, _, shares = model.predict_with_shares([make_query(s.graph, s.config) for s in usable])
     probes = tuple(Probe(s.variant, s.config.batch, s.config.threads, s.latency_ms, float(p), tuple(sh.tolist()))
                    for s, p, sh in zip(usable, predicted, shares, strict=True))
     log_factors = {}
@@ -188,7 +187,6 @@ def calibrate(model: CostModel, db: RecordsDB | str | Path, *, cache_dir: str | 
     """Measure the probes into `db` (those it already holds for this machine are not measured again) and
     fit `model` to them. Use a new database to calibrate afresh: the speed of a VM drifts between days."""
     db = db if isinstance(db, RecordsDB) else RecordsDB(db)
-    model = model.uncalibrated()
     variants = probe_variants(model)
     collect_corpus(db, variants, batches=PROBE_BATCHES, threads=PROBE_THREADS, ops=False, cache_dir=cache_dir,
                    show_progress=show_progress)
@@ -216,7 +214,7 @@ def apply(model: CostModel, calibration: Calibration) -> CostModel:
 def load_calibrated(calibration: str | Path, checkpoint: str | Path | None = None) -> CostModel:
     """The checkpoint (default: the shipped one for this machine) with the calibration saved at `calibration`
     applied: what a PassContext's `cost_model` should be on a machine that was calibrated."""
-    return apply(load_checkpoint(checkpoint) if checkpoint else load_default(), load(calibration))
+    return apply(load_or_default(checkpoint), load(calibration))
 
 
 def _now(timestamp: float | None = None) -> str:

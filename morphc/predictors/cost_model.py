@@ -73,8 +73,16 @@ NODE_LOSS = 0.2  # weight of the per-operator loss (see train)
 # kernel kind. On the Intel Xeon VM the EPYC checkpoint's linear layers ran at its speed, its convolutions 1.4x
 # slower and the rest 1.6x. Every class not named is in the last group.
 SPEED_GROUPS: dict[str, tuple[str, ...]] = {"conv": ("conv",), "matmul": ("linear", "attention"), "other": ()}
-_CLASS_GROUP = np.asarray([[float(cls in members or (not members and not any(cls in m for m in SPEED_GROUPS.values())))
-                            for members in SPEED_GROUPS.values()] for cls in OP_CLASSES], dtype=np.float32)
+_GROUP_OF_CLASS = {cls: i for i, members in enumerate(SPEED_GROUPS.values()) for cls in members}
+# [operator classes, groups]: each class's group as a one-hot row
+_CLASS_GROUP = np.eye(len(SPEED_GROUPS), dtype=np.float32)[[_GROUP_OF_CLASS.get(cls, len(SPEED_GROUPS) - 1)
+                                                             for cls in OP_CLASSES]]
+
+
+def _speed_groups(x: Any) -> Any:
+    """[N, groups] each node's SPEED_GROUPS group as a one-hot, from the class one-hot of its features `x`
+    (numpy or traced jax)."""
+    return x[:, :len(OP_CLASSES)] @ _CLASS_GROUP
 
 
 class CostModelError(MorphcError):
@@ -227,7 +235,6 @@ def _compile_forward(members: Sequence[LatencyGNN]
     (shares of the members' node times averaged in log space: what a calibration's factors weigh)."""
     graphdef, _ = nnx.split(members[0])
     states = [nnx.split(m)[1] for m in members]
-    class_group = jnp.asarray(_CLASS_GROUP)
 
     @partial(jax.jit, static_argnums=(2,))
     def forward(states: list[nnx.State], batch: dict[str, jax.Array], num_graphs: int
@@ -237,7 +244,7 @@ def _compile_forward(members: Sequence[LatencyGNN]
         gid, segments = batch["graph"], num_graphs + 1
         zmax = jax.ops.segment_max(z, gid, segments)
         zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
-        weight = jnp.exp(z - zmax[gid])[:, None] * (batch["x"][:, :len(OP_CLASSES)] @ class_group)
+        weight = jnp.exp(z - zmax[gid])[:, None] * _speed_groups(batch["x"])
         per_group = jax.ops.segment_sum(weight, gid, segments)[:num_graphs]
         shares = per_group / jnp.maximum(per_group.sum(axis=-1, keepdims=True), 1e-30)
         return jnp.mean(jnp.stack([log_ms for log_ms, _, _ in outs]), axis=0), outs[0][1], shares
@@ -348,8 +355,7 @@ class CostModel:
         z = np.mean([np.asarray(m.with_nodes(batch, 1)[2]) for m in self.members], axis=0)
         z = z[:query.x.shape[0]].astype(np.float64)
         if self.log_factors:
-            groups = query.x[:, :len(OP_CLASSES)] @ _CLASS_GROUP  # one-hot [N, groups]
-            z = z + groups @ np.asarray(self.factors_of(query.threads))
+            z = z + _speed_groups(query.x) @ np.asarray(self.factors_of(query.threads))
         return np.exp(z)
 
     def factors_of(self, threads: int) -> tuple[float, ...]:
@@ -519,6 +525,11 @@ def default_checkpoint_path(fingerprint: str | None = None) -> Path:
         if found := [path for path, fp in shipped.items() if match(fp)]:
             return found[0]
     return Path(str(resources.files("morphc.predictors") / "checkpoints" / DEFAULT_CHECKPOINT))
+
+
+def load_or_default(path: str | Path | None) -> CostModel:
+    """The checkpoint at `path`, or the shipped one for this machine (`load_default`) when None."""
+    return load(path) if path else load_default()
 
 
 def load_default() -> CostModel:
