@@ -15,7 +15,12 @@ keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`
 (`hide_unseen_ops=0`: the candidate is then the baseline's own network, predicting the other way).
 `--with-b` also reports split (b), for information only. `--reuse-baseline RESULTS_JSON` takes the baseline's
 runs from an earlier run of this script (training is deterministic: the same seed gives the same network, checked
-to the last digit in session 16), so that a candidate costs only its own trainings.
+to the last digit in session 16), so that a candidate costs only its own trainings. `--combine RESULTS_JSON ...`
+reports several earlier runs (of the same candidate, e.g. seeds 8-15 and 16-23 run apart) as one.
+
+The rule (fixed in session 15, applied by `decide`): a candidate is adopted only if its mean MAPE over the seeds is
+lower on every validation split and the mean of the paired differences (candidate - baseline, one per split and
+seed) is more than 2 standard errors below zero.
 
     python benchmarks/cost_model_validation.py --extra-db benchmarks/results/cost_model_randcell.sqlite \\
         --seeds 0,1,2,3 --with-b --out cost_model_validation_randcell
@@ -57,8 +62,13 @@ def main() -> int:
                         help="take the baseline's runs from an earlier results file of this script (repeatable) "
                              "instead of training them again: training is deterministic (the same seed gives the "
                              "same network), so only the same --db and --steps are accepted")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="train nothing: report the runs of these earlier results files (same db, steps and "
+                             "candidate) as one, with the rule's decision")
     parser.add_argument("--out", default="cost_model_validation")
     args = parser.parse_args()
+    if args.combine:
+        return _combine(parser, args)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     load_start = load_average()
 
@@ -179,8 +189,53 @@ def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[st
     return options
 
 
+def _combine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Report the runs of several results files of one candidate as one (refusing files that differ in db, steps or
+    candidate, or that repeat a run)."""
+    import json
+
+    payloads = [json.loads(Path(p).read_text()) for p in args.combine]
+    keys = ("db", "extra_db", "candidate_options", "steps")
+    first = payloads[0]["settings"]
+    runs: list[dict[str, Any]] = []
+    for path, payload in zip(args.combine, payloads):
+        if differ := [k for k in keys if payload["settings"].get(k) != first.get(k)]:
+            parser.error(f"--combine {path}: its {', '.join(differ)} differ from {args.combine[0]}'s")
+        for run in payload["results"]["runs"]:
+            if any((r["split"], r["seed"], r["arm"]) == (run["split"], run["seed"], run["arm"]) for r in runs):
+                parser.error(f"--combine {path}: {run['split']} seed {run['seed']} {run['arm']} is in two files")
+            runs.append(run)
+    seeds = sorted({r["seed"] for r in runs})
+    body = _report(runs, ["baseline", "candidate"], seeds)
+    results = {"combined_from": args.combine, "seeds": seeds, "runs": runs}
+    path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
+                         results=results, body_md=body, settings=first, load_at_start=load_average())
+    print(body)
+    print(f"wrote {path}")
+    return 0
+
+
+def decide(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The protocol's rule over every (split, seed) that has both arms ((b) excluded): per-split means, the paired
+    differences' mean, standard error and t, and whether the candidate is adopted."""
+    by = {(r["split"], r["seed"], r["arm"]): r["mape_pct"] for r in runs if not r["split"].startswith("(b)")}
+    pairs = sorted({(sp, seed) for sp, seed, _ in by if (sp, seed, "baseline") in by and (sp, seed, "candidate") in by})
+    if len(pairs) < 2:
+        raise ValueError(f"the rule needs at least 2 (split, seed) pairs with both arms, got {len(pairs)}")
+    diffs = np.asarray([by[sp, seed, "candidate"] - by[sp, seed, "baseline"] for sp, seed in pairs])
+    splits = list(dict.fromkeys(sp for sp, _ in pairs))
+    means = {sp: {arm: float(np.mean([by[sp, seed, arm] for s2, seed in pairs if s2 == sp]))
+                  for arm in ("baseline", "candidate")} for sp in splits}
+    mean, se = float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    lower_everywhere = all(m["candidate"] < m["baseline"] for m in means.values())
+    return {"pairs": len(pairs), "split_means": means, "mean_diff": mean, "se": se,
+            "t": mean / se if se > 0 else float("-inf") if mean < 0 else float("inf"),
+            "lower_on_every_split": lower_everywhere, "adopt": lower_everywhere and mean < -2 * se}
+
+
 def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
-    """One row per split and seed, the arms side by side; then each split's mean and spread over seeds."""
+    """One row per split and seed, the arms side by side; then each split's mean and spread over seeds, and the
+    rule's decision."""
     by = {(r["split"], r["seed"], r["arm"]): r for r in runs}
     splits = list(dict.fromkeys(r["split"] for r in runs))
     rows = []
@@ -199,8 +254,21 @@ def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> st
         markdown_table(["held out", "seed", *arms], rows),
         "Mean over seeds:",
         markdown_table(["held out", *arms], summary),
+        _decision_line(runs),
         note,
     ]).strip() + "\n"
+
+
+def _decision_line(runs: list[dict[str, Any]]) -> str:
+    try:
+        d = decide(runs)
+    except ValueError as exc:
+        return f"Decision: none ({exc})."
+    verdict = "**adopted**" if d["adopt"] else "**not adopted**"
+    return (f"Decision by the rule (candidate lower on every split, and the mean paired difference more than 2 "
+            f"standard errors below zero): over {d['pairs']} (split, seed) pairs the paired difference is "
+            f"{d['mean_diff']:+.2f} ± {d['se']:.2f} points (t = {d['t']:.2f}); lower on every split: "
+            f"{'yes' if d['lower_on_every_split'] else 'no'}. The candidate is {verdict}.")
 
 
 def _cell(run: dict[str, Any]) -> str:

@@ -299,3 +299,31 @@ def test_node_times_are_the_terms_the_prediction_sums(tiny_model: tuple) -> None
     g = float(member.graph_out(nnx.gelu(member.graph_hidden(pooled)))[0, 0])
     assert correction == pytest.approx(g, abs=1e-4)
     assert 0 < model.probe_ms < 1.0
+
+
+def test_the_validation_rule_adopts_only_a_candidate_lower_on_every_split_by_two_standard_errors() -> None:
+    """benchmarks/cost_model_validation.py's `decide`: the rule that keeps candidates chosen by chance out."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cost_model_validation import decide
+
+    def runs(diffs_a: list[float], diffs_b: list[float]) -> list[dict]:
+        out = []
+        for split, diffs in (("a", diffs_a), ("b", diffs_b)):
+            for seed, d in enumerate(diffs):
+                out += [{"split": split, "seed": seed, "arm": "baseline", "mape_pct": 12.0},
+                        {"split": split, "seed": seed, "arm": "candidate", "mape_pct": 12.0 + d}]
+        return out
+
+    clear = decide(runs([-1.0, -0.8, -1.2, -0.9], [-0.5, -0.7, -0.6, -0.4]))
+    assert clear["adopt"] and clear["pairs"] == 8 and clear["mean_diff"] == pytest.approx(-0.7625)
+    noisy = decide(runs([-3.0, 2.0, -2.5, 1.5], [-2.0, 1.0, -1.5, 2.0]))  # lower on both splits, within noise
+    assert noisy["lower_on_every_split"] and not noisy["adopt"]
+    one_split = decide(runs([-2.0, -2.1, -1.9, -2.0], [0.2, 0.3, 0.1, 0.2]))  # a large mean, but worse on b
+    assert one_split["mean_diff"] < -2 * one_split["se"] and not one_split["adopt"]
+    with_b = runs([-1.0, -0.8], [-0.5, -0.7]) + [{"split": "(b): gpt2", "seed": 0, "arm": a, "mape_pct": m}
+                                                 for a, m in (("baseline", 9.0), ("candidate", 30.0))]
+    assert decide(with_b)["pairs"] == 4  # (b) never counts
+    with pytest.raises(ValueError, match="at least 2"):
+        decide(runs([-1.0], []))
