@@ -15,8 +15,10 @@ keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`
 (`hide_unseen_ops=0`: the candidate is then the baseline's own network, predicting the other way).
 `--with-b` also reports split (b), for information only. `--reuse-baseline RESULTS_JSON` takes the baseline's
 runs from an earlier run of this script (training is deterministic: the same seed gives the same network, checked
-to the last digit in session 16), so that a candidate costs only its own trainings. `--combine RESULTS_JSON ...`
-reports several earlier runs (of the same candidate, e.g. seeds 8-15 and 16-23 run apart) as one.
+to the last digit in session 16), so that a candidate costs only its own trainings. Each run keeps its predictions
+(`pred_ms`, in the order of `validation_configs`), so ensembles of the seeds' networks can be scored afterwards.
+`--combine RESULTS_JSON ...` reports several earlier runs (of the same candidate, e.g. seeds 8-15 and 16-23 run
+apart) as one.
 
 The rule (fixed in session 15, applied by `decide`): a candidate is adopted only if its mean MAPE over the seeds is
 lower on every validation split and the mean of the paired differences (candidate - baseline, one per split and
@@ -123,12 +125,15 @@ def main() -> int:
                 per_family = {f: metrics(pred[i], true[i])["mape_pct"] for f in sorted({s.family for s in val})
                               if (i := [k for k, s in enumerate(val) if s.family == f])}
                 runs.append({"split": spec, "seed": seed, "arm": arm, "train": len(items),
-                             "mape_pct": metrics(pred, true)["mape_pct"], "per_family": per_family})
+                             "mape_pct": metrics(pred, true)["mape_pct"], "per_family": per_family,
+                             "pred_ms": [round(float(p), 6) for p in pred]})
                 print(f"[{time.time() - start:6.0f} s] {spec} seed {seed} {arm}: MAPE {runs[-1]['mape_pct']:.1f}% "
                       + " ".join(f"{f} {v:.1f}" for f, v in per_family.items()), flush=True)
 
     results = {"samples": len(samples), "extra_samples": len(extra),
-               "extra_families": sorted({s.family for s in extra}), "seeds": seeds, "runs": runs}
+               "extra_families": sorted({s.family for s in extra}), "seeds": seeds, "runs": runs,
+               "validation_configs": {spec: [[s.variant, s.family, str(s.config), s.latency_ms] for s in val]
+                                      for spec, _, val in cases}}
     body = _report(runs, list(arms), seeds)
     settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options, "steps": args.steps,
                 "members": 1}
@@ -207,7 +212,8 @@ def _combine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             runs.append(run)
     seeds = sorted({r["seed"] for r in runs})
     body = _report(runs, ["baseline", "candidate"], seeds)
-    results = {"combined_from": args.combine, "seeds": seeds, "runs": runs}
+    configs = {k: v for payload in payloads for k, v in payload["results"].get("validation_configs", {}).items()}
+    results = {"combined_from": args.combine, "seeds": seeds, "runs": runs, "validation_configs": configs}
     path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
                          results=results, body_md=body, settings=first, load_at_start=load_average())
     print(body)
