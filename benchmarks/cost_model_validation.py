@@ -130,11 +130,11 @@ def main() -> int:
                 print(f"[{time.time() - start:6.0f} s] {spec} seed {seed} {arm}: MAPE {runs[-1]['mape_pct']:.1f}% "
                       + " ".join(f"{f} {v:.1f}" for f, v in per_family.items()), flush=True)
 
-    results = {"samples": len(samples), "extra_samples": len(extra),
+    results: dict[str, Any] = {"samples": len(samples), "extra_samples": len(extra),
                "extra_families": sorted({s.family for s in extra}), "seeds": seeds, "runs": runs,
                "validation_configs": {spec: [[s.variant, s.family, str(s.config), s.latency_ms] for s in val]
                                       for spec, _, val in cases}}
-    body = _report(runs, list(arms), seeds)
+    body = _report(runs, list(arms), seeds, results["validation_configs"])
     settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options, "steps": args.steps,
                 "members": 1}
     path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
@@ -239,9 +239,29 @@ def decide(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "lower_on_every_split": lower_everywhere, "adopt": lower_everywhere and mean < -2 * se}
 
 
-def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
-    """One row per split and seed, the arms side by side; then each split's mean and spread over seeds, and the
-    rule's decision."""
+ENSEMBLE = 4  # members of the shipped checkpoint (cost_model.DEFAULT_MEMBERS), for the ensembles' table
+
+
+def ensembles(runs: list[dict[str, Any]], configs: dict[str, list[Any]], size: int = ENSEMBLE
+              ) -> dict[tuple[str, str], list[tuple[list[int], float]]]:
+    """(split, arm) -> [(seeds, MAPE)] of ensembles of `size` consecutive seeds' networks, each predicting the mean
+    of its members' log latencies as a shipped checkpoint does (runs without stored predictions are left out)."""
+    out: dict[tuple[str, str], list[tuple[list[int], float]]] = {}
+    by = {(r["split"], r["arm"], r["seed"]): r["pred_ms"] for r in runs if "pred_ms" in r and r["split"] in configs}
+    for spec, arm in dict.fromkeys((sp, arm) for sp, arm, _ in by):
+        true = np.asarray([c[3] for c in configs[spec]])
+        seeds = sorted(seed for sp, a, seed in by if (sp, a) == (spec, arm))
+        for i in range(0, len(seeds) - size + 1, size):
+            group = seeds[i:i + size]
+            pred = np.exp(np.mean([np.log(by[spec, arm, seed]) for seed in group], axis=0))
+            out.setdefault((spec, arm), []).append((group, metrics(pred, true)["mape_pct"]))
+    return out
+
+
+def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int],
+            configs: dict[str, list[Any]] | None = None) -> str:
+    """One row per split and seed, the arms side by side; then each split's mean and spread over seeds, the
+    rule's decision, and (for information) ensembles of the seeds' networks."""
     by = {(r["split"], r["seed"], r["arm"]): r for r in runs}
     splits = list(dict.fromkeys(r["split"] for r in runs))
     rows = []
@@ -261,8 +281,22 @@ def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> st
         "Mean over seeds:",
         markdown_table(["held out", *arms], summary),
         _decision_line(runs),
+        _ensemble_table(runs, arms, configs or {}),
         note,
     ]).strip() + "\n"
+
+
+def _ensemble_table(runs: list[dict[str, Any]], arms: list[str], configs: dict[str, list[Any]]) -> str:
+    found = ensembles(runs, configs)
+    splits = list(dict.fromkeys(sp for sp, _ in found))
+    rows = [[sp, ", ".join(f"{seeds[0]}-{seeds[-1]}" for seeds, _ in found[sp, arms[0]])]
+            + [" / ".join(f"{m:.1f}" for _, m in found.get((sp, arm), [])) for arm in arms]
+            for sp in splits if (sp, arms[0]) in found]
+    if not rows:
+        return ""
+    return (f"For information (not the rule): ensembles of {ENSEMBLE} consecutive seeds' networks, each predicting the "
+            f"mean of its members' log latencies as the shipped checkpoint does. MAPE per ensemble:\n\n"
+            + markdown_table(["held out", "seeds", *arms], rows))
 
 
 def _decision_line(runs: list[dict[str, Any]]) -> str:

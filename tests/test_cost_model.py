@@ -327,3 +327,22 @@ def test_the_validation_rule_adopts_only_a_candidate_lower_on_every_split_by_two
     assert decide(with_b)["pairs"] == 4  # (b) never counts
     with pytest.raises(ValueError, match="at least 2"):
         decide(runs([-1.0], []))
+
+
+def test_validation_ensembles_average_their_members_log_latencies() -> None:
+    """benchmarks/cost_model_validation.py's `ensembles`: members off by the factors 1.2 and 1/1.2 make an exact
+    ensemble (as a shipped checkpoint averages log latencies), scored per group of consecutive seeds."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cost_model_validation import ensembles
+
+    true = [1.0, 2.0, 4.0]
+    configs = {"a": [["v", "f", "cfg", t] for t in true]}
+    factor = {0: 1.2, 1: 1 / 1.2, 2: 1.5, 3: 1.5}
+    runs = [{"split": "a", "seed": seed, "arm": "baseline", "pred_ms": [t * f for t in true]}
+            for seed, f in factor.items()]
+    found = ensembles(runs, configs, size=2)
+    assert [seeds for seeds, _ in found["a", "baseline"]] == [[0, 1], [2, 3]]
+    assert [m for _, m in found["a", "baseline"]] == pytest.approx([0.0, 50.0])
+    assert ensembles(runs, configs, size=8) == {}
