@@ -102,8 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         instruments.append(mc.PrintIR(before=bool(args.print_ir_before_all), after=after, stream=sys.stdout))
     if args.dump_ir:
         instruments.append(mc.DumpIR(Path(args.dump_ir)))
-    ctx = mc.PassContext(opt_level=args.opt_level, verify_each=args.verify_each, instruments=instruments,
-                         reproducer_dir=Path(args.reproducer_dir))
+    ctx = _with_cost_model(mc.PassContext(opt_level=args.opt_level, verify_each=args.verify_each,
+                                          instruments=instruments, reproducer_dir=Path(args.reproducer_dir)), args)
     with console.status(f"running {pipeline} on {program!r}"):
         result = pipeline.run(program, ctx)
     if args.timing:
@@ -197,17 +197,46 @@ def cmd_train_cost_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_model(args: argparse.Namespace) -> Any:
-    """The checkpoint `--checkpoint` names (default: the shipped one for this machine), calibrated to this
-    machine with `--calibration` where given."""
+def _cost_model(checkpoint: str | None, calibration_path: str | None) -> Any:
+    """The checkpoint at `checkpoint` (None: the shipped one for this machine), calibrated to this machine with
+    the calibration file at `calibration_path` where given."""
     from morphc.predictors import calibration, cost_model
 
-    model = cost_model.load_or_default(args.checkpoint)
-    if not getattr(args, "calibration", None):
+    model = cost_model.load_or_default(checkpoint)
+    if not calibration_path:
         return model
-    cal = calibration.load(args.calibration)
+    cal = calibration.load(calibration_path)
     console.print(f"[dim]{cal.summary()}[/dim]")
     return calibration.apply(model, cal)
+
+
+SHIPPED = "shipped"  # `--cost-model` with no path: the checkpoint shipped with morphc for this machine
+
+
+def _add_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--cost-model` for commands whose passes may consult `ctx.cost_model` (fuse-models' `latency=auto`,
+    annotate-config's GNN embedding) instead of timing every candidate."""
+    parser.add_argument("--cost-model", nargs="?", const=SHIPPED, metavar="CHECKPOINT",
+                        help="give passes the latency cost model: the shipped one for this machine, or the checkpoint "
+                             "at CHECKPOINT (fuse-models{latency=auto} then predicts instead of timing)")
+    parser.add_argument("--calibration", help="with --cost-model: its calibration to this machine "
+                                              "(`morphc calibrate-cost-model`)")
+    parser.add_argument("--latency-config", default="threads=1", metavar="CONFIG",
+                        help='with --cost-model: the config latencies are predicted at, e.g. "threads=2" '
+                             '(default %(default)s; the batch is the program\'s own)')
+
+
+def _with_cost_model(ctx: mc.PassContext, args: argparse.Namespace) -> mc.PassContext:
+    """`ctx` with the cost model and latency config that `--cost-model` asks for (unchanged without it)."""
+    if args.cost_model is None:
+        if args.calibration:
+            raise MorphcError("--calibration calibrates a cost model: give --cost-model too")
+        return ctx
+    from morphc.predictors import spaces
+
+    ctx.cost_model = _cost_model(None if args.cost_model == SHIPPED else args.cost_model, args.calibration)
+    ctx.options["latency_config"] = spaces.parse_config(args.latency_config, ctx.cost_model.device_kind)
+    return ctx
 
 
 def cmd_calibrate_cost_model(args: argparse.Namespace) -> int:
@@ -230,7 +259,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predict a program's latency under one or more configs with a cost-model checkpoint."""
     from morphc.predictors import spaces
 
-    model = _cost_model(args)
+    model = _cost_model(args.checkpoint, args.calibration)
     program = load_source(args.source, args.batch_size)
     configs = [spaces.parse_config(c, model.device_kind) for c in (args.config or ["threads=1"])]
     preds = model.predict_many([(program, c) for c in configs])
@@ -243,7 +272,7 @@ def cmd_serve_cost_model(args: argparse.Namespace) -> int:
     """Serve predictions until interrupted."""
     from morphc.predictors.service import make_server
 
-    model = _cost_model(args)
+    model = _cost_model(args.checkpoint, args.calibration)
     server = make_server(model, args.host, args.port)
     host, port = server.server_address[:2]
     console.print(f"serving {model.device_kind} latency predictions on http://{host}:{port} "
@@ -271,7 +300,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if len(made) == 4:
         options["fusion_train_program"] = mc.lower(models, made[3])
     program = mc.lower(models, example_inputs)
-    ctx = mc.PassContext(calibration=data, options=options)
+    ctx = _with_cost_model(mc.PassContext(calibration=data, options=options), args)
     fused = mc.PassManager(f"fuse-models{{{args.options}}}" if args.options else "fuse-models").run(program, ctx)
     report = ctx.options["fusion_report"]
     sys.stdout.write(report.markdown())
@@ -353,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     r.add_argument("--reproducer-dir", default=str(mc.passes.manager.DEFAULT_REPRODUCER_DIR),
                    help="where a failing pass writes its reproducer")
+    _add_cost_model_arguments(r)
     r.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("print", help="print the IR of a saved program or a model source")
@@ -418,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--options", default="", help='fuse-models options, e.g. "max-acc-drop=0.01,max-candidates=20"')
     fu.add_argument("-o", "--output", help="where to save the fused program (.safetensors)")
     fu.add_argument("--report", metavar="DIR", help="write the search report (Markdown + Pareto plot) into DIR")
+    _add_cost_model_arguments(fu)
     fu.set_defaults(func=cmd_fuse)
     tu = sub.add_parser("tune", help="find the best serving config (meta-learned SMBO) and annotate the program")
     from morphc.predictors.tuner.command import add_arguments as _tune_arguments

@@ -254,3 +254,36 @@ def test_search_state_lives_beside_the_records_database(tmp_path: Path) -> None:
     assert len(reopened) == 1
     rows = reopened.conn.execute("SELECT COUNT(*) FROM fusion_candidates").fetchone()[0]
     assert rows == 1
+
+
+def test_cli_fuse_with_the_cost_model_predicts_latencies_and_names_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`morphc fuse --cost-model`: fuse-models{latency=auto} predicts every candidate's latency with the shipped
+    checkpoint at the --latency-config, and the report says so."""
+    from morphc.cli import main
+    from morphc.predictors.cost_model import load_default
+
+    factory = tmp_path / "fusion_models.py"
+    factory.write_text(FACTORY)
+    code = main(["fuse", f"{factory}:build", "--options", "max-acc-drop=1.0,max-candidates=2,steps=4",
+                 "--cost-model", "--latency-config", "threads=2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"- latency: cost-model {load_default().digest} at CpuConfig(threads=2" in out
+    assert main(["fuse", f"{factory}:build", "--calibration", "c.json"]) == 2  # a calibration of no cost model
+    assert "give --cost-model too" in capsys.readouterr().err
+
+
+def test_a_search_keyed_by_one_cost_model_is_not_resumed_with_another() -> None:
+    """The search-state key holds the cost model's digest, calibration and config: another checkpoint, another
+    calibration or another config is another search, never a mix of two models' latencies."""
+    from types import SimpleNamespace
+
+    from morphc.passes.fusion.search import cost_model_latency_name
+
+    a = SimpleNamespace(digest="aaaa", log_factors={})
+    names = {cost_model_latency_name(a, "threads=1"), cost_model_latency_name(a, "threads=2"),
+             cost_model_latency_name(SimpleNamespace(digest="bbbb", log_factors={}), "threads=1"),
+             cost_model_latency_name(SimpleNamespace(digest="aaaa", log_factors={1: (0.4, 0.1, 0.2)}), "threads=1"),
+             cost_model_latency_name(SimpleNamespace(digest="aaaa", log_factors={1: (0.4, 0.1, 0.3)}), "threads=1")}
+    assert len(names) == 5

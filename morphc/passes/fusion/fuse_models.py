@@ -40,6 +40,7 @@ from morphc.passes.fusion.search import (
     SearchConfig,
     build_result,
     cost_model_latency,
+    cost_model_latency_name,
     flops_latency,
     measured_latency,
 )
@@ -102,7 +103,8 @@ class FuseModels(Pass):
         if self.latency == "flops":
             return flops_latency, "flops"
         if self.latency == "auto" and ctx.cost_model is not None:
-            return cost_model_latency(ctx.cost_model, ctx.options.get("latency_config")), "cost-model"
+            config = ctx.options.get("latency_config")
+            return cost_model_latency(ctx.cost_model, config), cost_model_latency_name(ctx.cost_model, config)
         return measured_latency(), "measured"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:

@@ -47,6 +47,7 @@ class FusionReport:
             f"- search: {o.seconds:.1f} s, {o.proposals} proposals, {o.trained} candidates trained "
             f"({o.resumed} resumed from state), filtered: {o.filtered_latency} by latency, "
             f"{o.filtered_dominated} dominated by a failed candidate; {o.stopped_early} stopped early as hopeless",
+            *([f"- latency: {o.latency_source}"] if o.latency_source else []),
             "", "### Pareto front (latency vs accuracy drop)", "", self.table(self.pareto),
         ]
         if plot_name:

@@ -112,6 +112,16 @@ def cost_model_latency(cost_model: Any, config: Any = None) -> LatencyFn:
     return lambda program: float(cost_model.predict(program, config))
 
 
+def cost_model_latency_name(cost_model: Any, config: Any = None) -> str:
+    """What decides a cost model's latencies: the checkpoint (its digest), its calibration and the config. It is
+    part of the search-state key, so a resumed search never mixes two models' numbers."""
+    parts = ["cost-model", str(getattr(cost_model, "digest", type(cost_model).__name__))]
+    if factors := getattr(cost_model, "log_factors", None):
+        parts.append("calibrated " + hashlib.blake2b(repr(sorted(factors.items())).encode(), digest_size=4).hexdigest())
+    parts.append(f"at {config}" if config is not None else "at the default config")
+    return " ".join(parts)
+
+
 # --- candidates and outcome ----------------------------------------------------------------------
 
 
@@ -154,6 +164,7 @@ class SearchOutcome:
     proposals: int
     seconds: float
     max_acc_drop: float
+    latency_source: str = ""  # where candidates' latencies came from: "measured", "flops", "cost-model", ...
 
     @property
     def met_bound(self) -> bool:
@@ -321,6 +332,7 @@ class FusionSearch:
         self.on_candidate = on_candidate
         self.progress = progress
         self.key = search_key(self.train_program, data, config, latency_name)
+        self.latency_name = latency_name
         self.strategy = make_strategy(config.strategy, config.seed)
         self.seen: dict[str, Evaluated] = {}
         self.failed: list[frozenset[tuple[str, str]]] = []
@@ -471,7 +483,8 @@ class FusionSearch:
         candidates = [e for e in self.seen.values() if e is not original]
         return SearchOutcome(original, best, candidates, self.counts["trained"], self.counts["resumed"],
                              self.counts["filtered-latency"], self.counts["filtered-dominated"], self.counts["stopped"],
-                             self.counts["proposals"], time.perf_counter() - start, cfg.max_acc_drop)
+                             self.counts["proposals"], time.perf_counter() - start, cfg.max_acc_drop,
+                             self.latency_name)
 
     def _finish(self, ev: Evaluated, result: CandidateResult) -> None:
         ev.status = "trained"
