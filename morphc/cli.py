@@ -102,8 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         instruments.append(mc.PrintIR(before=bool(args.print_ir_before_all), after=after, stream=sys.stdout))
     if args.dump_ir:
         instruments.append(mc.DumpIR(Path(args.dump_ir)))
-    ctx = _with_cost_model(mc.PassContext(opt_level=args.opt_level, verify_each=args.verify_each,
-                                          instruments=instruments, reproducer_dir=Path(args.reproducer_dir)), args)
+    ctx = mc.PassContext(opt_level=args.opt_level, verify_each=args.verify_each, instruments=instruments,
+                         reproducer_dir=Path(args.reproducer_dir))
     with console.status(f"running {pipeline} on {program!r}"):
         result = pipeline.run(program, ctx)
     if args.timing:
@@ -214,8 +214,7 @@ SHIPPED = "shipped"  # `--cost-model` with no path: the checkpoint shipped with 
 
 
 def _add_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--cost-model` for commands whose passes may consult `ctx.cost_model` (fuse-models' `latency=auto`,
-    annotate-config's GNN embedding) instead of timing every candidate."""
+    """`--cost-model`: fuse-models (`latency=auto`) predicts each candidate's latency instead of timing it."""
     parser.add_argument("--cost-model", nargs="?", const=SHIPPED, metavar="CHECKPOINT",
                         help="give passes the latency cost model: the shipped one for this machine, or the checkpoint "
                              "at CHECKPOINT (fuse-models{latency=auto} then predicts instead of timing)")
@@ -223,7 +222,7 @@ def _add_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
                                               "(`morphc calibrate-cost-model`)")
     parser.add_argument("--latency-config", default="threads=1", metavar="CONFIG",
                         help='with --cost-model: the config latencies are predicted at, e.g. "threads=2" '
-                             '(default %(default)s; the batch is the program\'s own)')
+                             '(default %(default)s; without batch=, the program\'s own batch)')
 
 
 def _with_cost_model(ctx: mc.PassContext, args: argparse.Namespace) -> mc.PassContext:
@@ -382,7 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     r.add_argument("--reproducer-dir", default=str(mc.passes.manager.DEFAULT_REPRODUCER_DIR),
                    help="where a failing pass writes its reproducer")
-    _add_cost_model_arguments(r)
     r.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("print", help="print the IR of a saved program or a model source")
