@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ import pytest
 
 from morphc.predictors import calibration, dataset
 from morphc.predictors.corpus import VARIANTS
-from morphc.predictors.cost_model import CostModel, CostModelError, load, load_default, make_query, shipped_checkpoints
+from morphc.predictors.cost_model import (
+    CostModel,
+    CostModelError,
+    CostModelWarning,
+    load,
+    load_default,
+    make_query,
+    shipped_checkpoints,
+)
 from morphc.predictors.dataset import Sample
 from morphc.predictors.features import extract
 from morphc.predictors.records import RecordsDB, device_fingerprint
@@ -76,6 +85,16 @@ def test_a_calibration_gives_each_operator_group_its_own_speed(shipped: CostMode
     assert "1 thread: conv x1.2" in cal.summary()
 
 
+def test_a_probe_the_collector_marked_disturbed_is_left_out_with_a_warning(
+        shipped: CostModel, probes: list[Sample]) -> None:
+    flagged = dataclasses.replace(probes[0], variant="mlp#flagged", latency_ms=probes[0].latency_ms * 40,
+                                  unstable=True)
+    with pytest.warns(CostModelWarning, match=r"1 of \d+ probe measurements were disturbed.*mlp#flagged batch 1"):
+        cal = calibration.fit(shipped, [*probes, flagged])
+    assert cal.log_factors == calibration.fit(shipped, probes).log_factors
+    assert "mlp#flagged" not in {p.variant for p in cal.probes}
+
+
 def test_one_group_the_probes_lack_keeps_the_common_factor(shipped: CostModel, probes: list[Sample]) -> None:
     """MLP probes hold no convolution: its factor stays near the probes' median ratio, not at a guess."""
     mlp = [s for s in probes if s.family == "mlp"]
@@ -128,10 +147,15 @@ def test_calibrate_measures_its_probes_once_into_a_records_database(
     mlp_only = dataclasses.replace(shipped, meta={**shipped.meta, "trained": {"groups": ["mlp"]}})
     assert [v.name for v in calibration.probe_variants(mlp_only)] == [MLP.name]
     db = tmp_path / "cal.sqlite"
-    cal = calibration.calibrate(mlp_only, db, show_progress=False)
-    assert sorted((p.batch, p.threads) for p in cal.probes) == [(1, 1), (1, 2), (8, 1), (8, 2)]
-    assert set(cal.log_factors) == {1, 2} and all(abs(v) < math.log(20) for f in cal.log_factors.values() for v in f)
-    assert sum(1 for _ in RecordsDB(db).query(kind="latency")) == 4
+    with warnings.catch_warnings(record=True):  # a probe disturbed by a busy machine is left out, with a warning
+        warnings.simplefilter("always")
+        cal = calibration.calibrate(mlp_only, db, show_progress=False)
+    assert sum(1 for _ in RecordsDB(db).query(kind="latency")) == 4  # every probe measured and kept
+    stable = sorted((s.config.batch, s.config.threads) for s in dataset.load_samples(db) if not s.unstable)
+    assert set(stable) <= {(1, 1), (1, 2), (8, 1), (8, 2)}
+    assert sorted((p.batch, p.threads) for p in cal.probes) == stable  # the fit used exactly the undisturbed ones
+    assert set(cal.log_factors) == {t for _, t in stable}
+    assert all(abs(v) < math.log(20) for f in cal.log_factors.values() for v in f)
     monkeypatch.setattr(dataset, "profile_interleaved", lambda *a, **k: pytest.fail("measured again"))
     again = calibration.calibrate(mlp_only, db, show_progress=False)
     assert again.log_factors == cal.log_factors and again.measured_at == cal.measured_at
@@ -169,10 +193,6 @@ def test_cli_calibrates_and_predicts_with_the_calibration(
 
 
 def test_a_checkpoint_of_another_machine_calibrated_here_no_longer_warns(probes: list[Sample]) -> None:
-    import warnings
-
-    from morphc.predictors.cost_model import CostModelWarning
-
     here = device_fingerprint("cpu")
     other = next(load(path) for path, fp in shipped_checkpoints().items() if fp != here)
     program = dataset.lowered(MLP, 1)

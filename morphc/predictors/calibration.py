@@ -22,6 +22,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from morphc.predictors.cost_model import (
     SPEED_GROUPS,
     CostModel,
     CostModelError,
+    CostModelWarning,
     load_or_default,
     make_query,
     nearest_factors,
@@ -163,6 +165,12 @@ def fit(model: CostModel, samples: Sequence[Sample]) -> Calibration:
     if not usable:
         raise CostModelError("no usable probe measurements to calibrate with (all were disturbed: measure again "
                              "on a quieter machine)")
+    if disturbed := [s for s in samples if s.unstable]:
+        warnings.warn(f"{len(disturbed)} of {len(samples)} probe measurements were disturbed (spread too wide, or "
+                      "contended) and are left out: "
+                      + ", ".join(f"{s.variant} batch {s.config.batch} threads {s.config.threads}" for s in disturbed)
+                      + " (calibrate with a new --db on a quieter machine to measure them again)",
+                      CostModelWarning, stacklevel=2)
     predicted, _, shares = model.predict_with_shares([make_query(s.graph, s.config) for s in usable])
     probes = tuple(Probe(s.variant, s.config.batch, s.config.threads, s.latency_ms, float(p), tuple(sh.tolist()))
                    for s, p, sh in zip(usable, predicted, shares, strict=True))
