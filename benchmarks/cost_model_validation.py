@@ -211,9 +211,9 @@ def _combine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 parser.error(f"--combine {path}: {run['split']} seed {run['seed']} {run['arm']} is in two files")
             runs.append(run)
     seeds = sorted({r["seed"] for r in runs})
-    body = _report(runs, ["baseline", "candidate"], seeds)
     configs = {k: v for payload in payloads for k, v in payload["results"].get("validation_configs", {}).items()}
     results = {"combined_from": args.combine, "seeds": seeds, "runs": runs, "validation_configs": configs}
+    body = _report(runs, ["baseline", "candidate"], seeds, configs)
     path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
                          results=results, body_md=body, settings=first, load_at_start=load_average())
     print(body)
