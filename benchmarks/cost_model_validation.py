@@ -136,7 +136,7 @@ def main() -> int:
                                       for spec, _, val in cases}}
     body = _report(runs, list(arms), seeds, results["validation_configs"])
     settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options, "steps": args.steps,
-                "members": 1}
+                "members": 1, "baseline_options": _baseline_options()}
     path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
                          results=results, body_md=body, settings=settings, load_at_start=load_start)
     print(body)
@@ -155,6 +155,10 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if Path(settings["db"]).resolve() != Path(args.db).resolve() or settings["steps"] != args.steps:
             parser.error(f"--reuse-baseline {path}: measured on db {settings['db']} with {settings['steps']} steps; "
                          f"this run uses {args.db} with {args.steps}")
+        if settings.get("baseline_options") != _baseline_options():
+            parser.error(f"--reuse-baseline {path}: its baseline was trained with train() defaults "
+                         f"{settings.get('baseline_options', '(not recorded: before session 17)')}, today's are "
+                         f"{_baseline_options()}: train the baseline again")
         for run in payload["results"]["runs"]:
             if run["arm"] == "baseline":
                 found[run["split"], run["seed"]] = run
@@ -166,6 +170,16 @@ TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_drop
            "context_bound", "context_classes")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
+
+
+def _baseline_options() -> dict[str, Any]:
+    """The train() defaults of the tunable keywords: what the baseline arm is trained with (JSON-shaped)."""
+    import inspect
+
+    from morphc.predictors.cost_model import train
+
+    return {k: list(p.default) if isinstance(p.default, tuple) else p.default
+            for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
 
 
 def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, Any]:

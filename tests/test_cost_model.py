@@ -227,9 +227,10 @@ def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tupl
 
     items = tiny_model[2]
     model, _ = train(items, hidden=16, layers=2, steps=60, batch_size=8, lr=1e-2, context_bound=0.3,
-                     show_progress=False)
+                     context_classes=(), show_progress=False)  # no classes named: every node is bounded
     again = load(model.save(tmp_path / "bounded.npz"))
-    assert again.meta["context_bound"] == 0.3 and "context_bound" not in tiny_model[0].meta
+    assert again.meta["context_bound"] == 0.3 and "context_classes" not in again.meta
+    assert tiny_model[0].meta["context_classes"] == ["conv", "pool"]  # the default since session 17
     query = make_query(items[5].graph, items[5].config)
     node = 2
     others = np.arange(len(query.x)) != node
@@ -274,8 +275,9 @@ def test_a_context_bound_for_some_classes_bounds_only_their_nodes(tiny_model: tu
     assert 0.0 < moved["linear"] < 2 * 0.05 < moved["activation"]  # only the named class is held
     with pytest.raises(ValueError, match="unknown operator classes \\['pools'\\]; valid: input"):
         train(items, steps=1, context_bound=0.5, context_classes=("pools",), show_progress=False)
-    with pytest.raises(ValueError, match="needs context_bound > 0"):
-        train(items, steps=1, context_classes=("pool",), show_progress=False)
+    unbounded = train(items, hidden=16, layers=2, steps=20, context_bound=0, context_classes=("pool",),
+                      show_progress=False)[0]
+    assert "context_bound" not in unbounded.meta and "context_classes" not in unbounded.meta
     queries = [make_query(it.graph, it.config) for it in items]
     np.testing.assert_allclose(model.predict_queries(queries)[0], again.predict_queries(queries)[0], rtol=1e-6)
 
