@@ -137,11 +137,7 @@ def main() -> int:
     body = _report(runs, list(arms), seeds, results["validation_configs"])
     settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options, "steps": args.steps,
                 "members": 1, "baseline_options": _baseline_options()}
-    path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
-                         results=results, body_md=body, settings=settings, load_at_start=load_start)
-    print(body)
-    print(f"wrote {path}")
-    return 0
+    return _write(args.out, results, body, settings, load_start)
 
 
 def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], Any]:
@@ -172,23 +168,25 @@ TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_drop
 PREDICT_TIME = ("hide_unseen_ops",)
 
 
-def _baseline_options() -> dict[str, Any]:
-    """The train() defaults of the tunable keywords: what the baseline arm is trained with (JSON-shaped)."""
+def _train_defaults() -> dict[str, Any]:
+    """train()'s defaults of the TUNABLE keywords: what the baseline arm is trained with."""
     import inspect
 
     from morphc.predictors.cost_model import train
 
-    return {k: list(p.default) if isinstance(p.default, tuple) else p.default
-            for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
+    return {k: p.default for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
+
+
+def _baseline_options() -> dict[str, Any]:
+    """`_train_defaults` as it reads back from a results file (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _train_defaults().items()}
 
 
 def _train_options(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, Any]:
     """`["node_loss=0.5", "hidden=96"]` -> {"node_loss": 0.5, "hidden": 96}, refusing what train() cannot take."""
-    import inspect
+    from morphc.predictors.cost_model import CostModel
 
-    from morphc.predictors.cost_model import CostModel, train
-
-    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items() if k in TUNABLE}
+    defaults = _train_defaults()
     defaults |= {f.name: f.default for f in dataclasses.fields(CostModel) if f.name in PREDICT_TIME}
     options: dict[str, Any] = {}
     for spec in specs:
@@ -217,19 +215,25 @@ def _combine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     keys = ("db", "extra_db", "candidate_options", "steps")
     first = payloads[0]["settings"]
     runs: list[dict[str, Any]] = []
+    seen: set[tuple[str, int, str]] = set()
     for path, payload in zip(args.combine, payloads):
         if differ := [k for k in keys if payload["settings"].get(k) != first.get(k)]:
             parser.error(f"--combine {path}: its {', '.join(differ)} differ from {args.combine[0]}'s")
         for run in payload["results"]["runs"]:
-            if any((r["split"], r["seed"], r["arm"]) == (run["split"], run["seed"], run["arm"]) for r in runs):
+            if (key := (run["split"], run["seed"], run["arm"])) in seen:
                 parser.error(f"--combine {path}: {run['split']} seed {run['seed']} {run['arm']} is in two files")
+            seen.add(key)
             runs.append(run)
     seeds = sorted({r["seed"] for r in runs})
     configs = {k: v for payload in payloads for k, v in payload["results"].get("validation_configs", {}).items()}
     results = {"combined_from": args.combine, "seeds": seeds, "runs": runs, "validation_configs": configs}
     body = _report(runs, ["baseline", "candidate"], seeds, configs)
-    path = write_results(args.out, title="Cost model: validation families (choosing without split (b))",
-                         results=results, body_md=body, settings=first, load_at_start=load_average())
+    return _write(args.out, results, body, first, load_average())
+
+
+def _write(out: str, results: dict[str, Any], body: str, settings: dict[str, Any], load_start: Any) -> int:
+    path = write_results(out, title="Cost model: validation families (choosing without split (b))",
+                         results=results, body_md=body, settings=settings, load_at_start=load_start)
     print(body)
     print(f"wrote {path}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,11 +220,23 @@ def test_operator_names_no_training_graph_had_are_predicted_as_hidden(tiny_model
     assert old.predict_queries([query])[0] == pytest.approx(as_is.predict_queries([query])[0], rel=1e-6)
 
 
+def _moved_by_context(member: cost_model.LatencyGNN, query: cost_model.Query, node: int, scale: float) -> float:
+    """How far `node`'s predicted log time moves when every other node's features are perturbed (noise of `scale`)."""
+    import jax.numpy as jnp
+
+    others = np.arange(len(query.x)) != node
+    x = query.x.copy()
+    x[others] += np.random.default_rng(0).normal(0.0, scale, size=x[others].shape).astype(np.float32)
+    changed = cost_model.Query(x, query.work, query.edges, query.gfeat)
+    times = [np.asarray(member.with_nodes({k: jnp.asarray(v) for k, v in cost_model.pack([q])[0].items()}, 1)[2])
+             for q in (query, changed)]
+    return float(abs(times[1][node] - times[0][node]))
+
+
 def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tuple, tmp_path: Path) -> None:
     """With `context_bound`, a node's coefficients come from its own features and what its neighbours add is
     bounded: changing every other node moves its predicted log time by at most the bound (and does move it).
     The option is a hyperparameter of the checkpoint: it survives a round trip."""
-    import jax.numpy as jnp
 
     items = tiny_model[2]
     model, _ = train(items, hidden=16, layers=2, steps=60, batch_size=8, lr=1e-2, context_bound=0.3,
@@ -232,16 +245,8 @@ def test_a_bounded_context_moves_each_node_by_at_most_the_bound(tiny_model: tupl
     assert again.meta["context_bound"] == 0.3 and "context_classes" not in again.meta
     assert tiny_model[0].meta["context_classes"] == ["conv", "pool"]  # the default since session 17
     query = make_query(items[5].graph, items[5].config)
-    node = 2
-    others = np.arange(len(query.x)) != node
-    x = query.x.copy()
-    x[others] += np.random.default_rng(0).normal(0.0, 1.0, size=x[others].shape).astype(np.float32)
-    changed = cost_model.Query(x, query.work, query.edges, query.gfeat)
     for member in again.members:
-        times = [np.asarray(member.with_nodes({k: jnp.asarray(v) for k, v in cost_model.pack([q])[0].items()}, 1)[2])
-                 for q in (query, changed)]
-        moved = abs(times[1][node] - times[0][node])
-        assert 0.0 < moved <= 0.3 + 1e-5
+        assert 0.0 < _moved_by_context(member, query, node=2, scale=1.0) <= 0.3 + 1e-5
     with pytest.raises(ValueError, match="context_bound must be >= 0"):
         train(items, steps=1, context_bound=-0.5, show_progress=False)
     queries = [make_query(it.graph, it.config) for it in items]
@@ -252,7 +257,6 @@ def test_a_context_bound_for_some_classes_bounds_only_their_nodes(tiny_model: tu
     """`context_classes` limits the bound to the named operator classes: what the context adds to their nodes stays
     within +-bound when every other node changes, the others are free; the option survives a round trip, and
     nonsense is refused."""
-    import jax.numpy as jnp
 
     items = tiny_model[2]
     model, _ = train(items, hidden=16, layers=2, steps=60, batch_size=8, lr=1e-2, context_bound=0.05,
@@ -261,16 +265,8 @@ def test_a_context_bound_for_some_classes_bounds_only_their_nodes(tiny_model: tu
     assert again.meta["context_classes"] == ["linear"]
     item = items[5]
     query = make_query(item.graph, item.config)
-    moved = {}
-    for cls in ("linear", "activation"):
-        node = item.graph.classes.index(cls)
-        others = np.arange(len(query.x)) != node
-        x = query.x.copy()
-        x[others] += np.random.default_rng(0).normal(0.0, 3.0, size=x[others].shape).astype(np.float32)
-        changed = cost_model.Query(x, query.work, query.edges, query.gfeat)
-        times = [np.asarray(again.members[0].with_nodes({k: jnp.asarray(v) for k, v in cost_model.pack([q])[0].items()},
-                                                         1)[2]) for q in (query, changed)]
-        moved[cls] = abs(times[1][node] - times[0][node])
+    moved = {cls: _moved_by_context(again.members[0], query, node=item.graph.classes.index(cls), scale=3.0)
+             for cls in ("linear", "activation")}
     # what the context adds lies within +-bound, so two contexts differ by less than twice it
     assert 0.0 < moved["linear"] < 2 * 0.05 < moved["activation"]  # only the named class is held
     with pytest.raises(ValueError, match="unknown operator classes \\['pools'\\]; valid: input"):
@@ -303,12 +299,21 @@ def test_node_times_are_the_terms_the_prediction_sums(tiny_model: tuple) -> None
     assert 0 < model.probe_ms < 1.0
 
 
-def test_the_validation_rule_adopts_only_a_candidate_lower_on_every_split_by_two_standard_errors() -> None:
-    """benchmarks/cost_model_validation.py's `decide`: the rule that keeps candidates chosen by chance out."""
+@pytest.fixture(scope="module")
+def validation() -> Any:
+    """benchmarks/cost_model_validation.py, the protocol that chooses between cost-model candidates."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from cost_model_validation import decide
+    import cost_model_validation
+
+    return cost_model_validation
+
+
+def test_the_validation_rule_adopts_only_a_candidate_lower_on_every_split_by_two_standard_errors(
+        validation: Any) -> None:
+    """benchmarks/cost_model_validation.py's `decide`: the rule that keeps candidates chosen by chance out."""
+    decide = validation.decide
 
     def runs(diffs_a: list[float], diffs_b: list[float]) -> list[dict]:
         out = []
@@ -331,13 +336,10 @@ def test_the_validation_rule_adopts_only_a_candidate_lower_on_every_split_by_two
         decide(runs([-1.0], []))
 
 
-def test_validation_ensembles_average_their_members_log_latencies() -> None:
+def test_validation_ensembles_average_their_members_log_latencies(validation: Any) -> None:
     """benchmarks/cost_model_validation.py's `ensembles`: members off by the factors 1.2 and 1/1.2 make an exact
     ensemble (as a shipped checkpoint averages log latencies), scored per group of consecutive seeds."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from cost_model_validation import ensembles
+    ensembles = validation.ensembles
 
     true = [1.0, 2.0, 4.0]
     configs = {"a": [["v", "f", "cfg", t] for t in true]}

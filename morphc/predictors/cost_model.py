@@ -69,6 +69,8 @@ DEFAULT_CHECKPOINT = "cpu-default.npz"
 DEFAULT_MEMBERS = 4  # ensemble size of the shipped checkpoint (see train)
 NODE_FLOOR_MS = 1e-3  # per-operator times below a microsecond are measurement noise: compared above this floor
 NODE_LOSS = 0.2  # weight of the per-operator loss (see train)
+CONTEXT_BOUND = 0.5  # how far message passing may move a bounded node's log time (see train's context_bound)
+CONTEXT_CLASSES = ("conv", "pool")  # the operator classes bounded by default (adopted in session 17)
 # The operator groups a calibration gives their own speed (`morphc.predictors.calibration`): machines differ per
 # kernel kind. On the Intel Xeon VM the EPYC checkpoint's linear layers ran at its speed, its convolutions 1.4x
 # slower and the rest 1.6x. Every class not named is in the last group.
@@ -570,9 +572,8 @@ class TrainItem:
 def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int = 64, layers: int = 3,
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
           runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS,
-          context_bound: float = 0.5, context_classes: Sequence[str] = ("conv", "pool"), seed: int = 0,
-          members: int = 1,
-          show_progress: bool = True) -> tuple[CostModel, list[float]]:
+          context_bound: float = CONTEXT_BOUND, context_classes: Sequence[str] = CONTEXT_CLASSES, seed: int = 0,
+          members: int = 1, show_progress: bool = True) -> tuple[CostModel, list[float]]:
     """Train `members` LatencyGNNs on `items` (seeds seed, seed+1, ...: their own initialisation, batches
     and dropout masks); returns the ensemble and the loss per step (MSE of log latency, mean over members).
 
@@ -587,18 +588,17 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
     Why an ensemble: the members disagree most where the data says least (an unseen operator mix, a
     batch size between measured ones); averaging their log predictions cancels much of that variance.
 
-    `context_bound` > 0 (0.5 for convolutions and pools by default): each node's roofline coefficients come
-    from a per-node MLP of its
-    own features, and what message passing adds is bounded to +-context_bound in log space (tanh). An
-    operator in a neighbourhood no training graph had is then predicted near what the same operator costs
-    elsewhere, not moved by an extrapolating context (held-out branchy's max pools were predicted at 0.45x
-    their measured time, `poolcnn`'s at 0.9-1.0x). 0.5 is the largest in-program slowdown measured for a
-    small operator (about 1.5x its time alone; docs/cost_model.md, session 8). Judged on validation families
-    over 8 seeds (session 15) it was better by 0.8 points on average, less than twice its standard error.
-    `context_classes` bounds only the operators of those classes (("conv", "pool"): the diagnosis was about
-    pools, and the bound on every class cost the transformers); the others keep the unbounded head. That form
-    was adopted in session 17 on 16 seeds no earlier run had used, by a rule committed before the run: -0.71
-    +- 0.25 points (t = -2.82) over both validation splits. `context_bound=0` trains the unbounded network.
+    `context_bound` > 0 (0.5 for convolutions and pools by default): each node's roofline coefficients come from a
+    per-node MLP of its own features, and what message passing adds is bounded to +-context_bound in log space
+    (tanh). An operator in a neighbourhood no training graph had is then predicted near what the same operator
+    costs elsewhere, not moved by an extrapolating context (held-out branchy's max pools were predicted at 0.45x
+    their measured time, `poolcnn`'s at 0.9-1.0x). 0.5 is the largest in-program slowdown measured for a small
+    operator (about 1.5x its time alone; docs/cost_model.md, session 8). Judged on validation families over 8
+    seeds (session 15) it was better by 0.8 points on average, less than twice its standard error.
+    `context_classes` bounds only the operators of those classes (("conv", "pool"): the diagnosis was about pools,
+    and the bound on every class cost the transformers); the others keep the unbounded head. That form was adopted
+    in session 17 on 16 seeds no earlier run had used, by a rule committed before the run: -0.71 +- 0.25 points
+    (t = -2.82) over both validation splits. `context_bound=0` trains the unbounded network.
     """
     if not items:
         raise ValueError("train() needs at least one item (is the records database empty?)")
