@@ -145,7 +145,8 @@ def main() -> int:
     load_start = load_average()
 
     from morphc.predictors.corpus import HELD_OUT_FAMILIES
-    from morphc.predictors.cost_model import DEFAULT_MEMBERS, NODE_LOSS, TrainItem, load, make_query, train
+    from morphc.predictors.cost_model import (CONTEXT_BOUND, CONTEXT_CLASSES, DEFAULT_MEMBERS, NODE_LOSS, TrainItem,
+                                              load, make_query, train)
 
     args.members = args.members or DEFAULT_MEMBERS
     from morphc.predictors.dataset import cpu_device, gpu_device, load_samples
@@ -235,7 +236,8 @@ def main() -> int:
     _plot(preds, plot)
     body = _report_gpu(results, plot.name) if gpu else _report(results, plot.name)
     title = "GPU latency cost model: predicted vs measured" if gpu else "Latency cost model: predicted vs measured"
-    settings = {"db": args.db, "steps": args.steps, "seed": 0, "members": args.members, "node_loss": NODE_LOSS}
+    settings = {"db": args.db, "steps": args.steps, "seed": 0, "members": args.members, "node_loss": NODE_LOSS,
+                "context_bound": CONTEXT_BOUND, "context_classes": "+".join(CONTEXT_CLASSES)}
     path = write_results(args.out, title=title, results=results, body_md=body,
                          settings={**settings, "device": args.device} if gpu else settings, load_at_start=load_start)
     print(body)
