@@ -145,8 +145,16 @@ def main() -> int:
     load_start = load_average()
 
     from morphc.predictors.corpus import HELD_OUT_FAMILIES
-    from morphc.predictors.cost_model import (CONTEXT_BOUND, CONTEXT_CLASSES, DEFAULT_MEMBERS, NODE_LOSS, TrainItem,
-                                              load, make_query, train)
+    from morphc.predictors.cost_model import (
+        CONTEXT_BOUND,
+        CONTEXT_CLASSES,
+        DEFAULT_MEMBERS,
+        NODE_LOSS,
+        TrainItem,
+        load,
+        make_query,
+        train,
+    )
 
     args.members = args.members or DEFAULT_MEMBERS
     from morphc.predictors.dataset import cpu_device, gpu_device, load_samples

@@ -82,8 +82,11 @@ def main() -> int:
     measured_cal = None
     if args.calibration:
         measured_cal = calibration.load(args.calibration)
-        if measured_cal.checkpoint != model.digest:
-            raise SystemExit(f"--calibration was fitted to checkpoint {measured_cal.checkpoint}, not {model.digest}")
+        if measured_cal.checkpoint != model.digest:  # its probe times, fitted again to this checkpoint (--refit)
+            print(f"--calibration was fitted to checkpoint {measured_cal.checkpoint}: its probe times are fitted "
+                  f"again to {model.digest}")
+            measured_cal = dataclasses.replace(calibration.refit(model, measured_cal),
+                                               measured_at=f"{measured_cal.measured_at}, refitted")
         preds["calibrated (--calibration)"] = predict(model, measured_cal.log_factors)
     best = {int(t): float(np.median(np.log(true[threads == t] / raw[threads == t]))) for t in np.unique(threads)}
     preds["best single factor"] = predict(model, one_factor(best))

@@ -246,11 +246,19 @@ def cmd_calibrate_cost_model(args: argparse.Namespace) -> int:
     from morphc.predictors import calibration, cost_model
 
     model = cost_model.load_or_default(args.checkpoint)
-    db = args.db or f".morphc/calibration-{dt.datetime.now(dt.UTC):%Y-%m-%d}.sqlite"
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
-    cal = calibration.calibrate(model, db, cache_dir=args.cache)
+    if args.refit:
+        if args.db:
+            raise MorphcError("--refit fits a calibration file's stored probe times again, it measures nothing: "
+                              "give --db or --refit, not both")
+        cal = calibration.refit(model, calibration.load(args.refit), cache_dir=args.cache)
+        where = f"probe times of {args.refit} (measured {cal.measured_at})"
+    else:
+        db = args.db or f".morphc/calibration-{dt.datetime.now(dt.UTC):%Y-%m-%d}.sqlite"
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+        cal = calibration.calibrate(model, db, cache_dir=args.cache)
+        where = f"measurements in {db}"
     path = cal.save(args.output)
-    console.print(f"{cal.summary()}\nmeasurements in {db}; saved {path} (use it with --calibration {path})")
+    console.print(f"{cal.summary()}\n{where}; saved {path} (use it with --calibration {path})")
     return 0
 
 
@@ -429,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--db", help="records database of the probe measurements (default: "
                                  ".morphc/calibration-<UTC date>.sqlite; a database that holds them is not "
                                  "measured again: name a new one to calibrate afresh)")
+    ca.add_argument("--refit", metavar="CALIBRATION",
+                    help="time nothing: fit this calibration file's probe times again, to --checkpoint (after an "
+                         "upgrade brought another checkpoint, whose calibration files are then refused)")
     ca.add_argument("-o", "--output", default=".morphc/cost-model-calibration.json")
     ca.add_argument("--cache", help="directory of lowered probe programs (reused when present)")
     ca.set_defaults(func=cmd_calibrate_cost_model)

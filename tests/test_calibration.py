@@ -202,3 +202,58 @@ def test_a_checkpoint_of_another_machine_calibrated_here_no_longer_warns(probes:
     with warnings.catch_warnings():
         warnings.simplefilter("error", CostModelWarning)
         assert calibrated.predict_many([(program, CpuConfig())])[0] > 0
+
+
+def _measured_as_slower(model: CostModel) -> list[Sample]:
+    """The probes of an MLP-only checkpoint, measured as if this machine ran each group SLOWER than `model`."""
+    out = []
+    for b in calibration.PROBE_BATCHES:
+        graph = extract(dataset.lowered(MLP, b))
+        for threads, slower in SLOWER.items():
+            config = CpuConfig(threads=threads, batch=b)
+            ms, _, shares = model.predict_with_shares([make_query(graph, config)])
+            out.append(Sample(MLP.name, MLP.family, "fp", graph, config, ms[0] * float(shares[0] @ np.asarray(slower)),
+                              None, None))
+    return out
+
+
+def test_a_calibration_refits_to_another_checkpoint_without_measuring(
+        shipped: CostModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After an upgrade brings another checkpoint, the stored probe times are fitted to it: same measurements,
+    same day, the new checkpoint's digest, the factors fitting the measurements to it directly would give."""
+    samples = _measured_as_slower(shipped)
+    old = dataclasses.replace(calibration.fit(shipped, samples), measured_at="2026-01-02 03:04 UTC")
+    monkeypatch.setattr(dataset, "profile_interleaved", lambda *a, **k: pytest.fail("measured again"))
+    same = calibration.refit(shipped, old)
+    np.testing.assert_allclose([same.log_factors[t] for t in SLOWER], [old.log_factors[t] for t in SLOWER],
+                               atol=1e-6)
+    other = next(load(path) for path in shipped_checkpoints() if load(path).digest != shipped.digest)
+    new = calibration.refit(other, old)
+    assert (new.checkpoint, new.measured_at) == (other.digest, old.measured_at)
+    assert [p.measured_ms for p in new.probes] == [p.measured_ms for p in old.probes]
+    direct = calibration.fit(other, samples)  # what fitting the measurements themselves to it gives
+    np.testing.assert_allclose([new.log_factors[t] for t in SLOWER], [direct.log_factors[t] for t in SLOWER],
+                               atol=1e-6)
+    queries = [make_query(s.graph, s.config) for s in samples]
+    measured = np.asarray([s.latency_ms for s in samples])
+    raw, fitted = other.predict_queries(queries)[0], calibration.apply(other, new).predict_queries(queries)[0]
+    assert np.abs(np.log(fitted / measured)).mean() < 0.5 * np.abs(np.log(raw / measured)).mean()
+
+    from morphc.cli import main
+
+    path, checkpoint = old.save(tmp_path / "old.json"), other.save(tmp_path / "other.npz")
+    assert main(["calibrate-cost-model", "--refit", str(path), "--checkpoint", str(checkpoint),
+                 "-o", str(tmp_path / "new.json")]) == 0
+    assert calibration.load(tmp_path / "new.json").log_factors == new.log_factors
+    assert "probe times of" in " ".join(capsys.readouterr().err.split())  # rich wraps the line
+    assert main(["calibrate-cost-model", "--refit", str(path), "--db", str(tmp_path / "x.sqlite")]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(CostModelError, match="no probe measurements"):
+        calibration.refit(other, dataclasses.replace(old, probes=()))
+    renamed = dataclasses.replace(old, probes=(dataclasses.replace(old.probes[0], variant="mlp[gone]"),))
+    with pytest.raises(CostModelError, match="'mlp\\[gone\\]' is not a corpus variant"):
+        calibration.refit(other, renamed)
+    monkeypatch.setattr(calibration, "device_fingerprint", lambda device="cpu": "cpu|Other CPU|cores=64|torch=2.13.0")
+    with pytest.raises(CostModelError, match="its probe times are not this machine's"):
+        calibration.refit(other, old)

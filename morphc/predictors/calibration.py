@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from morphc.predictors.corpus import VARIANTS, Variant
+from morphc.predictors.corpus import VARIANTS, Variant, variant
 from morphc.predictors.cost_model import (
     SPEED_GROUPS,
     CostModel,
@@ -39,9 +39,11 @@ from morphc.predictors.cost_model import (
     make_query,
     nearest_factors,
 )
-from morphc.predictors.dataset import Sample, collect_corpus, load_samples
+from morphc.predictors.dataset import Sample, collect_corpus, load_samples, lowered
+from morphc.predictors.features import extract
 from morphc.predictors.profiler import LATENCY
 from morphc.predictors.records import RecordsDB, device_fingerprint
+from morphc.predictors.spaces import CpuConfig
 
 CALIBRATION_FORMAT = "morphc-cost-model-calibration"
 CALIBRATION_VERSION = 1
@@ -206,12 +208,37 @@ def calibrate(model: CostModel, db: RecordsDB | str | Path, *, cache_dir: str | 
     return dataclasses.replace(cal, measured_at=_now(created))
 
 
+def refit(model: CostModel, previous: Calibration, *, cache_dir: str | Path | None = None) -> Calibration:
+    """`previous`'s probe measurements fitted again, to `model`: after an upgrade brings another checkpoint,
+    a calibration file is enough, nothing is timed again. The result still describes this machine's speed on
+    the day `previous` was measured (its `measured_at`); calibrate afresh where that may have drifted."""
+    here = device_fingerprint("cpu")
+    if previous.device_fingerprint != here:
+        raise CostModelError(f"the calibration was measured on '{previous.device_fingerprint}', this machine is "
+                             f"'{here}': its probe times are not this machine's; calibrate here "
+                             "(`morphc calibrate-cost-model`)")
+    if not previous.probes:
+        raise CostModelError("the calibration holds no probe measurements to fit again: calibrate afresh "
+                             "(`morphc calibrate-cost-model`)")
+    samples = []
+    for p in previous.probes:
+        try:
+            v = variant(p.variant)
+        except KeyError as exc:
+            raise CostModelError(f"the calibration's probe '{p.variant}' is not a corpus variant of this morphc: "
+                                 "calibrate afresh (`morphc calibrate-cost-model`)") from exc
+        samples.append(Sample(v.name, v.family, "", extract(lowered(v, p.batch, cache_dir)),
+                              CpuConfig(batch=p.batch, threads=p.threads), p.measured_ms, None, None))
+    return dataclasses.replace(fit(model, samples), measured_at=previous.measured_at)
+
+
 def apply(model: CostModel, calibration: Calibration) -> CostModel:
     """`model` predicting this machine's latencies: refused where the calibration belongs to another
     checkpoint or another machine."""
     if calibration.checkpoint != model.digest:
         raise CostModelError(f"the calibration was fitted to checkpoint {calibration.checkpoint}, not this one "
-                             f"({model.digest}): calibrate this checkpoint (`morphc calibrate-cost-model`)")
+                             f"({model.digest}): calibrate this checkpoint (`morphc calibrate-cost-model`, or "
+                             "`--refit` that file to fit its probe times again without measuring)")
     here = device_fingerprint("cpu")
     if calibration.device_fingerprint != here:
         raise CostModelError(f"the calibration was measured on '{calibration.device_fingerprint}', this machine is "
