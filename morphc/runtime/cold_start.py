@@ -300,7 +300,7 @@ class ColdStartExecutor:
                     load_marks[i] = marks
             return self.tier.tensors(*self._group_ranges(g))  # type: ignore[union-attr]
 
-        stream = _ChunkStream(self.tier, clock, finish) if streamed else None  # type: ignore[arg-type]
+        stream = _ChunkStream(self.tier, clock, finish, self.read_depth) if streamed else None  # type: ignore[arg-type]
 
         def flush() -> None:
             """Queue the chunks of the groups issued since the last flush, all at once."""
@@ -309,9 +309,12 @@ class ColdStartExecutor:
             stream.add([(g, futures[g], self._spans[g]) for g in backlog])
             backlog.clear()
 
-        if stream is not None:
-            for k in range(self.read_depth):
+        if stream is not None:  # the stream's workers wait for chunks before the run's clock starts, as a
+            for k in range(self.read_depth):  # server's would: waking a pool thread cost the first read ~0.5 ms
                 pools[0].submit(stream.work, k)
+            stream.started.wait()
+            wall0 = time.perf_counter()
+            clock.restart()
 
         # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
         # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
@@ -588,8 +591,9 @@ class _ChunkStream:
     """The disk tier's loads as one queue of chunk reads in issue order, taken by `depth` workers (see
     READ_DEPTH); a group's future gets `finish(group, first chunk's start)` once its last chunk is in."""
 
-    def __init__(self, tier: DiskTier, clock: _Clock, finish: Callable[[int, Any], Any]) -> None:
+    def __init__(self, tier: DiskTier, clock: _Clock, finish: Callable[[int, Any], Any], depth: int) -> None:
         self.tier, self.clock, self.finish = tier, clock, finish
+        self.started = threading.Barrier(depth + 1)  # every worker running, and the caller
         self.chunks: collections.deque[tuple[int, int, int]] = collections.deque()  # (group, start, end)
         self.more = threading.Condition()
         self.futures: dict[int, Future[Any]] = {}
@@ -621,6 +625,7 @@ class _ChunkStream:
 
     def work(self, k: int) -> None:
         """Worker `k`: read chunks in queue order until the run is over (all but the first once open)."""
+        self.started.wait()
         if k:
             self.opened.wait()
         while True:
@@ -652,6 +657,9 @@ class _Clock:
     """Marks of when things happened, in ms since the run began: CPU, the wall clock as they happen."""
 
     def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
         self.t0 = time.perf_counter()
 
     def now(self) -> Any:
