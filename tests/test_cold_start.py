@@ -296,6 +296,30 @@ def test_streamed_chunk_reads_match_whole_group_reads(depth: int, bert) -> None:
         ColdStartExecutor(scheduled, weights, read_depth=0)
 
 
+def test_the_streams_workers_run_before_the_clock_starts(bert, monkeypatch) -> None:
+    """A server's I/O workers are waiting when a request comes: the run's clock starts once every stream
+    worker is running, so waking a pool thread is not counted against the first read."""
+    import time
+
+    program, weights, inputs = bert
+    entered: list[float] = []
+    restarts: list[float] = []
+    work, restart = cold_start._ChunkStream.work, cold_start._Clock.restart
+
+    def recording_work(self, k: int) -> None:
+        entered.append(time.perf_counter())
+        work(self, k)
+
+    def recording_restart(self) -> None:
+        restart(self)
+        restarts.append(self.t0)
+
+    monkeypatch.setattr(cold_start._ChunkStream, "work", recording_work)
+    monkeypatch.setattr(cold_start._Clock, "restart", recording_restart)
+    ColdStartExecutor(_schedule(program, "pipeline"), weights, read_depth=2).run(*inputs)
+    assert len(entered) == 2 and max(entered) <= restarts[-1]
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_executor_matches_eager_and_records_the_timeline(strategy: str, bert) -> None:
     program, weights, inputs = bert
