@@ -320,6 +320,16 @@ def test_the_streams_workers_run_before_the_clock_starts(bert, monkeypatch) -> N
     assert len(entered) == 2 and max(entered) <= restarts[-1]
 
 
+def test_a_stream_whose_workers_cannot_all_run_is_an_error_not_a_hang() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    stream = cold_start._ChunkStream(None, cold_start._Clock(), lambda g, start: None, depth=2)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(max_workers=1) as pool:  # room for one of its two workers
+        with pytest.raises(ColdStartError, match="2 read workers were not all running after 0 s"):
+            stream.start(pool, timeout_s=0.2)
+        stream.close()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_executor_matches_eager_and_records_the_timeline(strategy: str, bert) -> None:
     program, weights, inputs = bert

@@ -309,18 +309,6 @@ class ColdStartExecutor:
             stream.add([(g, futures[g], self._spans[g]) for g in backlog])
             backlog.clear()
 
-        if stream is not None:  # the stream's workers wait for chunks before the run's clock starts, as a
-            for k in range(self.read_depth):  # server's would: waking a pool thread cost the first read ~0.5 ms
-                pools[0].submit(stream.work, k)
-            stream.started.wait()
-            wall0 = time.perf_counter()
-            clock.restart()
-
-        # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
-        # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
-        for g in self._groups_issued_at_start(groups):
-            issue(g)
-        flush()
         direct_dense = [m == "direct" and isinstance(self.tier, DiskTier) and layer.name not in self.tier.sparse
                         for layer, m in zip(self.layers, plan.modes())]
         env: dict[fx.Node, Any] = {}
@@ -338,6 +326,16 @@ class ColdStartExecutor:
                 last_end, queued = clock.now(), False
 
         try:
+            if stream is not None:  # its workers wait for chunks before the run's clock starts, as a server's
+                stream.start(pools[0])  # would: waking a pool thread cost the first read ~0.5 ms
+                wall0 = time.perf_counter()
+                clock.restart()
+                last_end = clock.now()
+            # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
+            # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
+            for g in self._groups_issued_at_start(groups):
+                issue(g)
+            flush()
             with torch.no_grad():
                 for node, seg, run in self._steps:
                     if node.op == "placeholder":
@@ -611,6 +609,17 @@ class _ChunkStream:
                 self.futures[g], self.left[g] = future, len(spans)
                 self.chunks.extend((g, a, b) for a, b in spans)
             self.more.notify_all()
+
+    def start(self, pool: ThreadPoolExecutor, timeout_s: float = 10.0) -> None:
+        """Start the workers on `pool` and return once every one is running."""
+        workers = self.started.parties - 1
+        for k in range(workers):
+            pool.submit(self.work, k)
+        try:
+            self.started.wait(timeout_s)
+        except threading.BrokenBarrierError:
+            raise ColdStartError(f"the disk stream's {workers} read workers were not all running after "
+                                 f"{timeout_s:.0f} s (is the I/O pool smaller than read_depth?)") from None
 
     def open(self) -> None:
         """Compute has its first load: let every worker read."""
