@@ -325,6 +325,10 @@ def _report_gpu(results: dict[str, Any], plot_name: str) -> str:
              "applied); see the collection's summary JSON for whether MPS applied the shares on that machine.\n",
              "Goals (as on CPU): (a) MAPE ≤ 5% and ≥ 90% within ±10%; (b) MAPE ≤ 8% and Spearman ≥ 0.95. "
              "RaPP reported 4.46-5.29% MAPE on its GPU space.\n"]
+    if any("re-measurement (noise floor)" in s for s in results["splits"].values()):
+        parts.append("The re-measurement row is the noise floor: configs timed in more than one pass "
+                     "(`scripts/collect_gpu_profile.py --repeat 1`), each pass predicted by the median of the others; "
+                     "those configs learn the median of their passes.\n")
     return "\n\n".join(parts + _tables(results, plot_name, "per_sm_share", "sm_share", "SM share"))
 
 

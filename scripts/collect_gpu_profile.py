@@ -42,6 +42,10 @@ def main() -> int:
     parser.add_argument("--work-dir", default="/tmp/morphc-gpu-work", help="MPS pipe/log directories, job list")
     parser.add_argument("--target-s", type=float, default=0.1, help="timed seconds per (program, share)")
     parser.add_argument("--no-ops", action="store_true", help="skip the per-operator profiles")
+    parser.add_argument("--repeat", type=int, default=0,
+                        help="measurement pass N >= 1: time the programs again into the same --db, as their pass N "
+                             "(no per-operator profiles); benchmarks/cost_model.py then reports the re-measurement "
+                             "noise floor and learns the median of the passes")
     parser.add_argument("--summary", default=None, help="summary JSON (default: the db path with .json)")
     parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, no GPU (a DRY-RUN device)")
     args = parser.parse_args()
@@ -59,6 +63,7 @@ def main() -> int:
         db=Path(args.db), variants=variants, batches=[int(b) for b in args.batches.split(",")],
         shares=[int(s) for s in args.shares.split(",")], budget_s=args.budget_s, cache_dir=Path(args.cache),
         work_dir=Path(args.work_dir), processes=args.processes, target_s=args.target_s, ops=not args.no_ops,
+        repeat=args.repeat,
         backend="host" if args.dry_run else "cuda", summary=Path(args.summary) if args.summary else None)
     summary = collect_gpu_profile(settings, log=lambda m: print(m, flush=True))
     print(json.dumps({k: summary.get(k) for k in ("device", "shares_measured", "records", "wall_s", "error")},

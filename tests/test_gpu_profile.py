@@ -5,6 +5,7 @@ the GPU config encoding, and a GPU-keyed records database read back into samples
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -314,6 +315,17 @@ def test_collection_without_mps_measures_share_100_only_and_says_why(tmp_path: P
     assert samples[0].fingerprint and DRY_RUN_DEVICE in gpu_device(RecordsDB(tmp_path / "gpu.sqlite"))
     again = collect_gpu_profile(settings, log=lambda m: None, probe=probe, launcher=launcher, mps_control=mps)
     assert again["records"][LATENCY] == {"100": 4} and len(launched) == 2  # resumed: the worker found all done
+    # a repeat pass times every program again into the same database, without per-op profiles: each sample is
+    # then the median of its passes, and the passes give the benchmark its re-measurement noise floor
+    repeat = collect_gpu_profile(dataclasses.replace(settings, repeat=1), log=lambda m: None, probe=probe,
+                                 launcher=launcher, mps_control=mps)
+    assert launched[-1][-2:] == ["--repeat", "1"] and repeat["pass"] == 1
+    assert repeat["records"][LATENCY] == {"100": 8} and repeat["records"][OP_LATENCY] == {"100": 4}
+    twice = load_samples(tmp_path / "gpu.sqlite", device="cuda")
+    assert len(twice) == 4 and all(len(s.passes) == 2 for s in twice)
+    assert all(s.latency_ms == pytest.approx(sum(s.passes) / 2) for s in twice)
+    first = {(s.fingerprint, s.config): s.latency_ms for s in samples}
+    assert all(s.passes[0] == first[s.fingerprint, s.config] for s in twice)  # the first pass first
 
 
 def test_collection_with_working_mps_measures_every_share_with_per_op_at_two(tmp_path: Path,

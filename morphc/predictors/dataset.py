@@ -68,10 +68,15 @@ def lowered(v: Variant, batch: int, cache_dir: str | Path | None = None) -> Prog
     return program
 
 
-def _latency_key(batch: int, threads: int, repeat: int = 0, flush_denormal: bool = False) -> dict[str, Any]:
-    """The records-database config of a latency measurement; repeat passes (1, 2, ...) add their number."""
-    key = CpuConfig(threads=threads, batch=batch, flush_denormal=flush_denormal).as_record()
+def pass_key(key: dict[str, Any], repeat: int = 0) -> dict[str, Any]:
+    """A latency record's config in measurement pass `repeat`: the first pass (0) is the config itself,
+    repeat passes (1, 2, ...) add their number, so each pass is a record of its own."""
     return {**key, **({"pass": repeat} if repeat else {})}
+
+
+def _latency_key(batch: int, threads: int, repeat: int = 0, flush_denormal: bool = False) -> dict[str, Any]:
+    """The records-database config of a CPU latency measurement in pass `repeat` (see `pass_key`)."""
+    return pass_key(CpuConfig(threads=threads, batch=batch, flush_denormal=flush_denormal).as_record(), repeat)
 
 
 def _done(db: RecordsDB, name: str, batch: int, threads: Sequence[int], device: str, ops: bool,
@@ -330,7 +335,8 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
 
 
 def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic: str) -> list[Sample]:
-    """The GPU samples of one corpus (variant, batch) record: one per measured GpuConfig at its batch.
+    """The GPU samples of one corpus (variant, batch) record: one per measured GpuConfig at its batch, the
+    median of its measurement passes (`collect_gpu_profile.py --repeat`) as on the CPU.
 
     Runtime features: per-op ms at GPU_RUNTIME_SHARES (both needed; a profile without MPS has only
     100%, so its samples have none). Unstable: the measurement's own p90/p10 above UNUSABLE_SPREAD
@@ -342,8 +348,8 @@ def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic
         runtime = np.stack([np.asarray(o.stats["ms"], dtype=np.float64) for o in ops], axis=1)  # type: ignore[union-attr]
         if runtime.shape[0] != graph.num_nodes:
             raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
-    out = []
-    for lat in db.query(kind=LATENCY, model=fp, device=device):
+    passes: dict[GpuConfig, list[Any]] = {}  # config -> its records, first pass first
+    for lat in sorted(db.query(kind=LATENCY, model=fp, device=device), key=lambda r: r.config.get("pass", 0)):
         if int(lat.config.get("batch", -1)) != batch or "sm_share" not in lat.config:
             continue
         try:
@@ -352,10 +358,13 @@ def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic
         except ValueError as exc:
             raise RecordsError(f"GPU latency record of {rec.model} in '{db.path}' has an invalid config "
                                f"{lat.config}: {exc}") from exc
-        value = float(lat.stats[statistic])
-        if not (np.isfinite(value) and value > 0):
-            raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {value}")
-        spread = float(lat.stats["p90_ms"]) / max(float(lat.stats["p10_ms"]), 1e-9)
-        out.append(Sample(rec.model, rec.stats["family"], fp, graph, config, value, runtime,
-                          lat.stats.get("load_before"), spread > UNUSABLE_SPREAD, (value,)))
+        passes.setdefault(config, []).append(lat)
+    out = []
+    for config, lats in passes.items():
+        values = [float(r.stats[statistic]) for r in lats]
+        if not all(np.isfinite(v) and v > 0 for v in values):
+            raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {values}")
+        spread = float(lats[0].stats["p90_ms"]) / max(float(lats[0].stats["p10_ms"]), 1e-9)
+        out.append(Sample(rec.model, rec.stats["family"], fp, graph, config, float(np.median(values)), runtime,
+                          lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD, tuple(values)))
     return out

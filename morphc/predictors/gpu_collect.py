@@ -342,12 +342,14 @@ class Lowering:
 
 
 def worker_command(*, db: str | Path, jobs: str | Path, share: int, deadline: float, ops: bool = True,
-                   target_s: float = 0.1, backend: str = "cuda", device: str | None = None) -> list[str]:
+                   target_s: float = 0.1, backend: str = "cuda", device: str | None = None,
+                   repeat: int = 0) -> list[str]:
     """The command line of the worker that measures every job at `share` percent until `deadline` (epoch s);
     `device`: the fingerprint its records get (the CUDA probe's: one fingerprint for the whole collection)."""
     return [sys.executable, "-m", "morphc.predictors.gpu_collect", "worker", "--db", str(db), "--jobs", str(jobs),
             "--share", str(share), "--deadline", f"{deadline:.3f}", "--ops", "1" if ops else "0",
-            "--target-s", str(target_s), "--backend", backend, *(["--device", device] if device else [])]
+            "--target-s", str(target_s), "--backend", backend, *(["--device", device] if device else []),
+            *(["--repeat", str(repeat)] if repeat else [])]
 
 
 def _wait(proc: Any, timeout: float) -> int | str:
@@ -410,8 +412,9 @@ def _poisoned(exc: BaseException) -> bool:
 def measure_share(db: RecordsDB, jobs: Sequence[Job], share: int, deadline: float, *, backend: Any,
                   device: str, ops: bool = True, target_s: float = 0.1, retries: int = 1,
                   environ: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None,
-                  log: Log = print, advance: Callable[[], None] | None = None) -> tuple[int, int]:
-    """Measure every job at this process's share (skipping what `db` has); (measured, exit code).
+                  log: Log = print, advance: Callable[[], None] | None = None, repeat: int = 0) -> tuple[int, int]:
+    """Measure every job at this process's share (skipping what `db` has) as measurement pass `repeat` (repeat
+    passes time the programs again, without per-op profiles: the noise floor); (measured, exit code).
     `advance` is called once per job done, skipped or failed (a progress bar).
 
     Exit code RESTART_RC when an error left the CUDA context unusable (the caller starts a new process)."""
@@ -426,8 +429,9 @@ def measure_share(db: RecordsDB, jobs: Sequence[Job], share: int, deadline: floa
             log(f"share {share}%: slice over after {i} of {len(jobs)} programs")
             break
         outcome = _measure_one(db, job, GpuConfig(batch=job.batch, sm_share=share), backend, device,
-                               ops=ops and share in GPU_RUNTIME_SHARES, target_s=target_s, retries=retries,
-                               environ=environ, extra=extra or {}, log=log, where=f"[{i + 1}/{len(jobs)}]")
+                               ops=ops and share in GPU_RUNTIME_SHARES and not repeat, target_s=target_s,
+                               retries=retries, environ=environ, extra=extra or {}, log=log,
+                               where=f"[{i + 1}/{len(jobs)}]", repeat=repeat)
         if advance is not None:
             advance()
         measured += outcome == "measured"
@@ -438,15 +442,15 @@ def measure_share(db: RecordsDB, jobs: Sequence[Job], share: int, deadline: floa
 
 def _measure_one(db: RecordsDB, job: Job, config: GpuConfig, backend: Any, device: str, *, ops: bool,
                  target_s: float, retries: int, environ: Mapping[str, str] | None, extra: Mapping[str, Any],
-                 log: Log, where: str) -> str:
-    """One job at one config into `db`: "measured", "skipped" (already there), "failed" or "broken" (the
-    error left the CUDA context unusable)."""
-    from morphc.predictors.dataset import MAX_SPREAD, OPGRAPH, STATIC, _spread
+                 log: Log, where: str, repeat: int = 0) -> str:
+    """One job at one config into `db` as measurement pass `repeat`: "measured", "skipped" (already there, or
+    failed before in any pass), "failed" or "broken" (the error left the CUDA context unusable)."""
+    from morphc.predictors.dataset import MAX_SPREAD, OPGRAPH, STATIC, _spread, pass_key
     from morphc.predictors.features import OpGraph
     from morphc.predictors.profiler import LATENCY, OP_LATENCY
 
     key, share = config.as_record(), config.sm_share
-    have = db.get(LATENCY, job.fingerprint, device, key) is not None and (
+    have = db.get(LATENCY, job.fingerprint, device, pass_key(key, repeat)) is not None and (
         not ops or db.get(OP_LATENCY, job.fingerprint, device, key) is not None)
     if have or db.get(GPU_FAILURE, job.fingerprint, device, key) is not None:
         return "skipped"
@@ -457,14 +461,15 @@ def _measure_one(db: RecordsDB, job: Job, config: GpuConfig, backend: Any, devic
         db.put(GPU_FAILURE, job.fingerprint, device, key, {"error": _first_line(exc), "variant": job.variant})
         log(f"share {share}% FAILED {job.variant} b={job.batch}: {_first_line(exc)}")
         return "broken" if _poisoned(exc) else "failed"
-    db.put(LATENCY, job.fingerprint, device, key,
+    db.put(LATENCY, job.fingerprint, device, pass_key(key, repeat),
            {**asdict(best), "attempts": attempts, "unstable": _spread(best) > MAX_SPREAD, "views_reshaped": reshaped,
             **extra})
     if per_op is not None:
         graph = db.get(OPGRAPH, job.fingerprint, STATIC, {})
         names = OpGraph.from_json(graph.stats).names if graph is not None else ()
         db.put(OP_LATENCY, job.fingerprint, device, key, {"ms": [round(per_op.get(n, 0.0), 5) for n in names]})
-    log(f"share {share}% {where} {job.variant} b={job.batch}: p10 {best.p10_ms:.3f} ms, median "
+    log(f"share {share}% {where} {job.variant} b={job.batch}{f' pass {repeat}' if repeat else ''}: p10 "
+        f"{best.p10_ms:.3f} ms, median "
         f"{best.median_ms:.3f} ms ({best.runs} runs{', per-op' if per_op is not None else ''}"
         f"{f', {reshaped} views as reshape' if reshaped else ''})")
     return "measured"
@@ -511,6 +516,7 @@ class CollectionSettings:
     lowering_share: float = 0.35  # lowering may take at most this share of the budget
     target_s: float = 0.1
     ops: bool = True
+    repeat: int = 0  # measurement pass: 1, 2, ... time programs measured before again (the noise floor)
     backend: str = "cuda"  # "host": dry run of every step on the CPU (no GPU, no MPS)
     summary: Path | None = None  # JSON of what happened (default: next to the db)
 
@@ -542,7 +548,7 @@ def collect_gpu_profile(settings: CollectionSettings, log: Log = print, *,
     deadline = t0 + settings.budget_s
     s = settings
     summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "db": str(s.db), "backend": s.backend,
-                               "batches": list(s.batches), "shares_asked": list(s.shares),
+                               "batches": list(s.batches), "shares_asked": list(s.shares), "pass": s.repeat,
                                "variants": len(s.variants), "budget_s": s.budget_s, "time_quota": 1.0,
                                "time_quota_note": "FaST-GShare's time quota is not applied (no such scheduler): every "
                                                   "record is at time_quota=1.0"}
@@ -593,7 +599,7 @@ def collect_gpu_profile(settings: CollectionSettings, log: Log = print, *,
         jobs_file.write_text(json.dumps([asdict(j) for j in jobs]))
         summary["workers"] = run_workers(
             shares, lambda share, end: worker_command(db=s.db, jobs=jobs_file, share=share, deadline=end, ops=s.ops,
-                                                      target_s=s.target_s, backend=s.backend,
+                                                      target_s=s.target_s, backend=s.backend, repeat=s.repeat,
                                                       device=summary["device"]),
             lambda share: client_env(os.environ, share, mps), deadline=deadline, launcher=launcher, log=log)
         phases["measuring"] = round(time.time() - t0, 1)
@@ -654,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--share", type=int, required=True)
     w.add_argument("--deadline", type=float, required=True, help="stop starting programs after this epoch time")
     w.add_argument("--ops", type=int, default=1)
+    w.add_argument("--repeat", type=int, default=0, help="measurement pass (0: the first)")
     w.add_argument("--target-s", type=float, default=0.1)
     w.add_argument("--backend", default="cuda", choices=("cuda", "host"))
     w.add_argument("--device", default=None, help="device fingerprint for the records (default: this process's)")
@@ -693,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if console.is_terminal else (lambda m: print(m, flush=True))
             measured, rc = measure_share(db, jobs, args.share, args.deadline, backend=backend, device=device,
                                          ops=bool(args.ops), target_s=args.target_s, extra=extra, log=log,
-                                         advance=lambda: progress.advance(task))
+                                         advance=lambda: progress.advance(task), repeat=args.repeat)
     finally:
         db.close()
     print(f"share {args.share}% worker: measured {measured} programs now", flush=True)
