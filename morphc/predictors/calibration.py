@@ -212,11 +212,7 @@ def refit(model: CostModel, previous: Calibration, *, cache_dir: str | Path | No
     """`previous`'s probe measurements fitted again, to `model`: after an upgrade brings another checkpoint,
     a calibration file is enough, nothing is timed again. The result still describes this machine's speed on
     the day `previous` was measured (its `measured_at`); calibrate afresh where that may have drifted."""
-    here = device_fingerprint("cpu")
-    if previous.device_fingerprint != here:
-        raise CostModelError(f"the calibration was measured on '{previous.device_fingerprint}', this machine is "
-                             f"'{here}': its probe times are not this machine's; calibrate here "
-                             "(`morphc calibrate-cost-model`)")
+    _check_measured_here(previous, "its probe times are not this machine's; ")
     if not previous.probes:
         raise CostModelError("the calibration holds no probe measurements to fit again: calibrate afresh "
                              "(`morphc calibrate-cost-model`)")
@@ -239,11 +235,16 @@ def apply(model: CostModel, calibration: Calibration) -> CostModel:
         raise CostModelError(f"the calibration was fitted to checkpoint {calibration.checkpoint}, not this one "
                              f"({model.digest}): calibrate this checkpoint (`morphc calibrate-cost-model`, or "
                              "`--refit` that file to fit its probe times again without measuring)")
+    _check_measured_here(calibration)
+    return dataclasses.replace(model.uncalibrated(), log_factors=dict(calibration.log_factors))
+
+
+def _check_measured_here(calibration: Calibration, why: str = "") -> None:
+    """Refuse a calibration measured on another machine (`why`: what that means for the caller)."""
     here = device_fingerprint("cpu")
     if calibration.device_fingerprint != here:
         raise CostModelError(f"the calibration was measured on '{calibration.device_fingerprint}', this machine is "
-                             f"'{here}': calibrate here (`morphc calibrate-cost-model`)")
-    return dataclasses.replace(model.uncalibrated(), log_factors=dict(calibration.log_factors))
+                             f"'{here}': {why}calibrate here (`morphc calibrate-cost-model`)")
 
 
 def load_calibrated(calibration: str | Path, checkpoint: str | Path | None = None) -> CostModel:

@@ -18,7 +18,7 @@ A GPU profile (collected by `gpu_collect` on the machine with the GPU) has the s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -315,23 +315,32 @@ def load_samples(db: RecordsDB | str | Path, device: str | None = None, statisti
             if runtime.shape[0] != graph.num_nodes:
                 raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
         passes: dict[tuple[int, int], list[Any]] = {}  # (batch, threads) -> records, first pass first
-        for lat in sorted(db.query(kind=LATENCY, model=fp, device=device), key=lambda r: r.config.get("pass", 0)):
+        for lat in _in_pass_order(db.query(kind=LATENCY, model=fp, device=device)):
             if _flushed(lat.config) != flush:
                 continue
             passes.setdefault((int(lat.config["batch"]), int(lat.config["threads"])), []).append(lat)
         single = [float(r.stats[statistic]) for (_, t), rs in passes.items() if t == 1 for r in rs[:1]]
         for (batch_, threads), lats in passes.items():
             config = CpuConfig(threads=threads, batch=batch_, flush_denormal=flush)
-            values = [float(r.stats[statistic]) for r in lats]
-            if not all(np.isfinite(v) and v > 0 for v in values):
-                raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {values}")
-            ms = float(np.median(values))
-            spread = float(lats[0].stats["p90_ms"]) / max(float(lats[0].stats["p10_ms"]), 1e-9)
+            values, spread = _pass_values(lats, statistic, rec.model, db)
             contended = bool(single) and threads > 1 and values[0] > CONTENDED_RATIO * single[0]
-            samples.append(Sample(rec.model, rec.stats["family"], fp, graph, config, ms, runtime,
-                                  lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD or contended,
-                                  tuple(values)))
+            samples.append(Sample(rec.model, rec.stats["family"], fp, graph, config, float(np.median(values)), runtime,
+                                  lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD or contended, values))
     return samples
+
+
+def _in_pass_order(records: Iterable[Any]) -> list[Any]:
+    """Latency records with the first measurement pass first (see `pass_key`)."""
+    return sorted(records, key=lambda r: r.config.get("pass", 0))
+
+
+def _pass_values(lats: Sequence[Any], statistic: str, model: str, db: RecordsDB) -> tuple[tuple[float, ...], float]:
+    """One config's `statistic` in each of its passes (`lats`, first pass first) and the first pass's p90/p10
+    spread; a value that is not a positive number is refused."""
+    values = tuple(float(r.stats[statistic]) for r in lats)
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise RecordsError(f"latency record of {model} in '{db.path}' is not a positive number: {list(values)}")
+    return values, float(lats[0].stats["p90_ms"]) / max(float(lats[0].stats["p10_ms"]), 1e-9)
 
 
 def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic: str) -> list[Sample]:
@@ -349,7 +358,7 @@ def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic
         if runtime.shape[0] != graph.num_nodes:
             raise RecordsError(f"op latencies of {rec.model} do not match its op graph in '{db.path}'")
     passes: dict[GpuConfig, list[Any]] = {}  # config -> its records, first pass first
-    for lat in sorted(db.query(kind=LATENCY, model=fp, device=device), key=lambda r: r.config.get("pass", 0)):
+    for lat in _in_pass_order(db.query(kind=LATENCY, model=fp, device=device)):
         if int(lat.config.get("batch", -1)) != batch or "sm_share" not in lat.config:
             continue
         try:
@@ -361,10 +370,7 @@ def _gpu_samples(db: RecordsDB, rec: Any, graph: OpGraph, device: str, statistic
         passes.setdefault(config, []).append(lat)
     out = []
     for config, lats in passes.items():
-        values = [float(r.stats[statistic]) for r in lats]
-        if not all(np.isfinite(v) and v > 0 for v in values):
-            raise RecordsError(f"latency record of {rec.model} in '{db.path}' is not a positive number: {values}")
-        spread = float(lats[0].stats["p90_ms"]) / max(float(lats[0].stats["p10_ms"]), 1e-9)
+        values, spread = _pass_values(lats, statistic, rec.model, db)
         out.append(Sample(rec.model, rec.stats["family"], fp, graph, config, float(np.median(values)), runtime,
-                          lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD, tuple(values)))
+                          lats[0].stats.get("load_before"), spread > UNUSABLE_SPREAD, values))
     return out

@@ -338,8 +338,7 @@ class ColdStartExecutor:
                 wall0 = time.perf_counter()
                 clock.restart()
                 last_end = clock.now()
-            # loads issued at the start go out before the walk reaches their prefetch nodes (the walk through
-            # the graph's get_attrs first takes the compute thread a fraction of a millisecond)
+            # loads issued at the start go out before the walk reaches their prefetch nodes
             for g in self._groups_issued_at_start(groups):
                 issue(g)
             flush()
