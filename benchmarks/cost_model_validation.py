@@ -141,9 +141,12 @@ def main() -> int:
 
 
 def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], Any]:
-    """(split, seed) -> the baseline run recorded in the --reuse-baseline files, refusing another db or steps."""
+    """(split, seed) -> a run recorded in the --reuse-baseline files that was trained with today's train() defaults,
+    refusing another db or steps: the file's baseline arm, or its candidate arm when the candidate's options (and
+    no extra data) are today's defaults, as session 17's conv+pool bound became."""
     import json
 
+    today = _baseline_options()
     found: dict[tuple[str, int], Any] = {}
     for path in args.reuse_baseline:
         payload = json.loads(Path(path).read_text())
@@ -151,19 +154,31 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if Path(settings["db"]).resolve() != Path(args.db).resolve() or settings["steps"] != args.steps:
             parser.error(f"--reuse-baseline {path}: measured on db {settings['db']} with {settings['steps']} steps; "
                          f"this run uses {args.db} with {args.steps}")
-        if settings.get("baseline_options") != _baseline_options():
-            parser.error(f"--reuse-baseline {path}: its baseline was trained with train() defaults "
-                         f"{settings.get('baseline_options', '(not recorded: before session 17)')}, today's are "
-                         f"{_baseline_options()}: train the baseline again")
+        recorded = settings.get("baseline_options")
+        if recorded is None:
+            parser.error(f"--reuse-baseline {path}: its train() defaults were not recorded (before session 17): "
+                         "train the baseline again")
+        arms = {"baseline": INTRODUCED | recorded,
+                "candidate": INTRODUCED | recorded | settings.get("candidate_options", {})}
+        arm = next((a for a, options in arms.items() if options == today
+                    and (a == "baseline" or not settings.get("extra_db"))), None)
+        if arm is None:
+            parser.error(f"--reuse-baseline {path}: neither of its arms was trained with today's train() defaults "
+                         f"{today} (baseline {arms['baseline']}, candidate {arms['candidate']}"
+                         f"{' with --extra-db' if settings.get('extra_db') else ''}): train the baseline again")
         for run in payload["results"]["runs"]:
-            if run["arm"] == "baseline":
-                found[run["split"], run["seed"]] = run
+            if run["arm"] == arm:
+                found[run["split"], run["seed"]] = {**run, "arm": "baseline", "reused_from": f"{path} ({arm})"}
     return found
+
+
+# options train() gained after earlier results files were written, with the value that reproduces their trainings
+INTRODUCED: dict[str, Any] = {"correction_bound": 0.0}
 
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
 TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss",
-           "context_bound", "context_classes")
+           "context_bound", "context_classes", "correction_bound")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
 

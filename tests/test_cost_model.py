@@ -299,6 +299,30 @@ def test_node_times_are_the_terms_the_prediction_sums(tiny_model: tuple) -> None
     assert 0 < model.probe_ms < 1.0
 
 
+def test_a_correction_bound_holds_the_graph_correction_within_it(tiny_model: tuple, tmp_path: Path) -> None:
+    """`correction_bound` keeps the graph MLP's correction of the summed node times within +-bound, however far the
+    MLP would move it; the option survives a round trip, and a negative bound is refused."""
+    import jax.numpy as jnp
+
+    items = tiny_model[2]
+    bounded = load(train(items, hidden=16, layers=2, steps=40, batch_size=8, lr=1e-2, correction_bound=0.05,
+                         show_progress=False)[0].save(tmp_path / "bounded.npz"))
+    free = train(items, hidden=16, layers=2, steps=40, batch_size=8, lr=1e-2, show_progress=False)[0]
+    assert bounded.meta["correction_bound"] == 0.05 and "correction_bound" not in free.meta
+    query = make_query(items[3].graph, items[3].config)
+    batch = {k: jnp.asarray(v) for k, v in cost_model.pack([query])[0].items()}
+    corrections = {}
+    for name, model in (("bounded", bounded), ("free", free)):
+        member = model.members[0]
+        member.graph_out.bias[...] = jnp.full_like(member.graph_out.bias[...], 3.0)  # an MLP that wants +3 in log
+        total, _, z = member.with_nodes(batch, 1)
+        corrections[name] = float(total[0]) - float(jnp.log(jnp.exp(z[:items[3].graph.num_nodes]).sum()))
+    assert corrections["bounded"] == pytest.approx(0.05, abs=1e-3)
+    assert corrections["free"] > 2.5
+    with pytest.raises(ValueError, match="correction_bound must be >= 0"):
+        train(items, steps=1, correction_bound=-0.1, show_progress=False)
+
+
 @pytest.fixture(scope="module")
 def validation() -> Any:
     """benchmarks/cost_model_validation.py, the protocol that chooses between cost-model candidates."""
