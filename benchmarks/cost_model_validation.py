@@ -15,7 +15,8 @@ keyword of `cost_model.train` for the candidate's training (e.g. `node_loss=0.5`
 (`hide_unseen_ops=0`: the candidate is then the baseline's own network, predicting the other way).
 `--with-b` also reports split (b), for information only. `--reuse-baseline RESULTS_JSON` takes the baseline's
 runs from an earlier run of this script (training is deterministic: the same seed gives the same network, checked
-to the last digit in session 16), so that a candidate costs only its own trainings. Each run keeps its predictions
+to the last digit in session 16), so that a candidate costs only its own trainings; where an adopted candidate became
+train()'s defaults, that file's candidate arm is today's baseline and is the one taken. Each run keeps its predictions
 (`pred_ms`, in the order of `validation_configs`), so ensembles of the seeds' networks can be scored afterwards.
 `--combine RESULTS_JSON ...` reports several earlier runs (of the same candidate, e.g. seeds 8-15 and 16-23 run
 apart) as one.

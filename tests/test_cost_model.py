@@ -374,3 +374,53 @@ def test_validation_ensembles_average_their_members_log_latencies(validation: An
     assert [seeds for seeds, _ in found["a", "baseline"]] == [[0, 1], [2, 3]]
     assert [m for _, m in found["a", "baseline"]] == pytest.approx([0.0, 50.0])
     assert ensembles(runs, configs, size=8) == {}
+
+
+def test_reused_baseline_runs_are_those_trained_with_todays_defaults(validation: Any, tmp_path: Path) -> None:
+    """`--reuse-baseline` takes a file's baseline arm when it was trained with today's train() defaults, or its
+    candidate arm when the candidate's options are today's defaults (session 17's bound became them); a file whose
+    arms are neither, or whose defaults were not recorded, or that holds extra data, is refused."""
+    import argparse
+    import json
+
+    today = validation._baseline_options()
+    db = tmp_path / "records.sqlite"
+
+    def results(name: str, baseline: dict[str, Any] | None, candidate: dict[str, Any], extra: str | None = None) -> str:
+        runs = [{"split": "s", "seed": 3, "arm": arm, "mape_pct": mape} for arm, mape in (("baseline", 1.0),
+                                                                                         ("candidate", 2.0))]
+        settings = {"db": str(db), "extra_db": extra, "candidate_options": candidate, "steps": 10}
+        if baseline is not None:
+            settings["baseline_options"] = baseline
+        (tmp_path / name).write_text(json.dumps({"settings": settings, "results": {"runs": runs}}))
+        return str(tmp_path / name)
+
+    older = {**today, "context_bound": 0.0, "context_classes": []}
+    older.pop("correction_bound")  # an option train() gained since: its absence means the old behaviour
+    files = {"same": results("same.json", today, {"hidden": 32}),
+             "became": results("became.json", older, {"context_bound": today["context_bound"],
+                                                      "context_classes": today["context_classes"]}),
+             "other": results("other.json", {**today, "hidden": 32}, {"lr": 1.0}),
+             "unrecorded": results("unrecorded.json", None, {}),
+             "extra": results("extra.json", older, {"context_bound": today["context_bound"],
+                                                    "context_classes": today["context_classes"]}, extra="x.sqlite")}
+
+    class Refused(Exception):
+        pass
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:
+            raise Refused(message)
+
+    def reuse(name: str) -> dict:
+        return validation._reused_baseline(Parser(), argparse.Namespace(db=str(db), steps=10,
+                                                                        reuse_baseline=[files[name]]))
+
+    assert reuse("same")["s", 3]["mape_pct"] == 1.0
+    became = reuse("became")["s", 3]
+    assert became["mape_pct"] == 2.0 and became["arm"] == "baseline" and "(candidate)" in became["reused_from"]
+    for name, says in (("other", "neither of its arms"), ("unrecorded", "not recorded"), ("extra", "--extra-db")):
+        with pytest.raises(Refused, match=says):
+            reuse(name)
+    with pytest.raises(Refused, match="with 10 steps; this run uses"):
+        validation._reused_baseline(Parser(), argparse.Namespace(db=str(db), steps=11, reuse_baseline=[files["same"]]))

@@ -580,7 +580,8 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
           runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS,
           context_bound: float = CONTEXT_BOUND, context_classes: Sequence[str] = CONTEXT_CLASSES,
-          correction_bound: float = 0.0, seed: int = 0, members: int = 1, show_progress: bool = True) -> tuple[CostModel, list[float]]:
+          correction_bound: float = 0.0, seed: int = 0, members: int = 1,
+          show_progress: bool = True) -> tuple[CostModel, list[float]]:
     """Train `members` LatencyGNNs on `items` (seeds seed, seed+1, ...: their own initialisation, batches
     and dropout masks); returns the ensemble and the loss per step (MSE of log latency, mean over members).
 
