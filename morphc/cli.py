@@ -128,6 +128,9 @@ def cmd_print(args: argparse.Namespace) -> int:
     return 0
 
 
+PAGE_FAULT_HINT = 100  # page faults per call from which `morphc profile` says where they come from
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     """Measure latency (and per-op latency) into a records DB; or profile the cost-model corpus; or show knobs."""
     from dataclasses import asdict
@@ -159,19 +162,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     profiler.collect([program], configs, db, repeats=args.repeats)
     device, fp = records.device_fingerprint("cpu"), records.program_fingerprint(program)
     table = Table(title=f"latency of {args.source} (batch {profiler.program_batch(program)})")
-    for col in ("threads", "median ms", "p10 ms", "p90 ms", "runs", "outliers", "load"):
+    for col in ("threads", "median ms", "p10 ms", "p90 ms", "runs", "outliers", "load", "faults/call"):
         table.add_column(col)
+    faulting = []
     for c in configs:
         config = profiler.resolve_config(program, c)
         rec = db.get(profiler.LATENCY, fp, device, asdict(config))
         assert rec is not None
         s = rec.stats
+        faults = s.get("page_faults")  # records made before session 19 did not count them
         table.add_row(str(config.threads), f"{s['median_ms']:.3f}", f"{s['p10_ms']:.3f}", f"{s['p90_ms']:.3f}",
-                      str(s["runs"]), str(s["outliers"]), str(s.get("load_before")))
+                      str(s["runs"]), str(s["outliers"]), str(s.get("load_before")),
+                      "-" if faults is None else f"{faults:.0f}")
+        if faults is not None and faults >= PAGE_FAULT_HINT:
+            faulting.append(f"{faults:.0f} at {config.threads} thread(s)")
         if args.ops:
             ops = profiler.profile_ops(program, config)
             db.put(profiler.OP_LATENCY, fp, device, asdict(config), ops)
     Console().print(table)
+    if faulting:
+        console.print(f"[yellow]page faults per call: {', '.join(faulting)}.[/yellow] The allocator hands freed "
+                      "activations back to the system after each call and faults them in again (about 2 us per "
+                      "fault on the machine of docs/cost_model.md, session 19). A heap that keeps its memory avoids "
+                      "it: jemalloc or tcmalloc, or glibc with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set "
+                      "high (e.g. 1073741824).")
     console.print(f"records in {args.db} (model {fp})")
     return 0
 

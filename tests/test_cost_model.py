@@ -181,6 +181,28 @@ def test_cli_profile_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["predict", "zoo:tiny_mlp", "--checkpoint", str(tmp_path / "none.npz")]) == 2
 
 
+def test_cli_profile_says_where_page_faults_come_from(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`morphc profile` shows the page faults per call, and names the cause and the remedy when they are many."""
+    import itertools
+
+    from morphc.cli import main
+    from morphc.predictors import profiler
+
+    counter = itertools.count(0, 3000)  # every reading 3000 faults after the last: 1000 per call over 3 repeats
+    monkeypatch.setattr(profiler, "_minor_faults", lambda: next(counter))
+    args = ["profile", "zoo:tiny_mlp", "--repeats", "3", "--db"]
+    assert main([*args, str(tmp_path / "r.sqlite"), "--threads", "1"]) == 0
+    said = capsys.readouterr()
+    out = " ".join((said.out + said.err).split())
+    assert "page faults per call: 1000 at 1 thread" in out  # and the table has the column
+    assert "MALLOC_TRIM_THRESHOLD_" in out
+    monkeypatch.setattr(profiler, "_minor_faults", lambda: 0)
+    assert main([*args, str(tmp_path / "q.sqlite"), "--threads", "2"]) == 0
+    said = capsys.readouterr()
+    assert "MALLOC_TRIM_THRESHOLD_" not in said.out + said.err
+
+
 def test_the_per_operator_loss_skips_the_inputs_the_profiler_does_not_time() -> None:
     """Inputs are never timed (their measured 0 ms is absence, not speed): fitting them would pull the
     learned profiler cost towards zero and leave it inside every operator's time."""

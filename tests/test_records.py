@@ -55,6 +55,30 @@ def test_measure_reports_median_and_outliers() -> None:
     assert 0.5 < stats.median_ms < 20 and stats.p90_ms >= stats.median_ms >= stats.p10_ms
 
 
+class _FreshMemory(nn.Module):
+    """Allocates 64 MB twice per call: above glibc's largest mmap threshold, so it is mapped, faulted in and
+    handed back every call, whatever the heap did before (huge pages would only make the faults fewer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.zeros(16 * 1024 * 1024) + x).sum()
+
+
+def test_measurements_count_the_page_faults_of_each_call() -> None:
+    """A program that maps fresh memory every call is seen to fault (the cause of some small CNNs' slowdown at
+    large batch, docs/cost_model.md session 19); one that allocates little is not."""
+    from morphc.predictors.profiler import profile_interleaved
+
+    configs = [CpuConfig(threads=1), CpuConfig(threads=2)]
+    fresh = morphc.lower(_FreshMemory().eval(), torch.randn(1))
+    faulting = profile_interleaved(fresh, configs, warmup=1, per_round=1, min_runs=2, max_runs=2)
+    quiet = profile_interleaved(_program(), configs, warmup=2, min_runs=20, max_runs=20)
+    assert all(s.page_faults is not None and s.page_faults >= 16 for s in faulting)
+    assert all(s.page_faults is not None and s.page_faults < 16 for s in quiet)
+    stats = measure(lambda: fresh(*fresh.example_inputs), warmup=1, repeats=2)
+    assert stats.page_faults is not None and stats.page_faults >= 16
+    assert measure(lambda: None, warmup=1, repeats=20).page_faults < 16
+
+
 def test_profile_applies_threads_and_restores_them() -> None:
     program = _program()
     seen: list[int] = []

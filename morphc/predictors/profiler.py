@@ -2,7 +2,9 @@
 
 A measurement is a median over repeated runs after warm-up (timing on shared cores is noisy;
 FACTS.md), with p10/p90, the runs beyond 3 median absolute deviations counted as outliers, and the
-1-minute load average before and after (other processes share the cores). `profile_ops` measures
+1-minute load average before and after (other processes share the cores), and the minor page faults per
+timed call: with glibc's default heap some programs hand their large activations back to the system after
+every call and fault them in again, about 2 us per fault here (docs/cost_model.md, session 19). `profile_ops` measures
 per-operator latency (RaPP's runtime features) by timing each node of the graph in an fx
 interpreter. `collect` measures many (program, config) pairs resumably: pairs already in the
 database are skipped, each new one is committed as soon as it is measured, and a rich progress bar
@@ -52,6 +54,16 @@ class LatencyStats:
     outliers: int
     load_before: float | None = None  # 1-minute load average when the measurement started
     load_after: float | None = None
+    page_faults: float | None = None  # minor page faults per timed call, the whole process (None: not counted)
+
+
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far (getrusage); None where the platform has no `resource` module."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _load() -> float | None:
@@ -61,14 +73,17 @@ def _load() -> float | None:
         return None
 
 
-def _summarize(samples: Sequence[float], load_before: float | None = None) -> LatencyStats:
+def _summarize(samples: Sequence[float], load_before: float | None = None,
+               faults: int | None = None) -> LatencyStats:
+    """The statistics of `samples` (ms); `faults`: the minor page faults counted over all of them."""
     ordered = sorted(samples)
     median = statistics.median(ordered)
     mad = statistics.median(abs(s - median) for s in ordered) or 1e-9
     return LatencyStats(
         median_ms=median, p10_ms=ordered[int(0.1 * (len(ordered) - 1))], p90_ms=ordered[int(0.9 * (len(ordered) - 1))],
         mean_ms=statistics.fmean(ordered), runs=len(ordered), outliers=sum(abs(s - median) > 3 * mad for s in ordered),
-        load_before=load_before, load_after=_load())
+        load_before=load_before, load_after=_load(),
+        page_faults=None if faults is None else faults / len(ordered))
 
 
 def measure(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> LatencyStats:
@@ -79,11 +94,14 @@ def measure(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> Lat
     for _ in range(warmup):
         fn()
     samples = []
+    faults_before = _minor_faults()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return _summarize(samples, load_before)
+    faults_after = _minor_faults()
+    faults = None if faults_before is None or faults_after is None else faults_after - faults_before
+    return _summarize(samples, load_before, faults)
 
 
 def program_batch(program: Program) -> int:
@@ -144,6 +162,7 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
     resolved = [_check_measurable(resolve_config(program, c)) for c in configs]
     load_before = _load()
     samples: list[list[float]] = [[] for _ in resolved]
+    faults: list[int | None] = [0 for _ in resolved]
     with threads_and_flush(resolved[0].threads, resolved[0].flush_denormal), torch.no_grad():
         call = lambda: program(*program.example_inputs)  # noqa: E731
         one = []
@@ -162,11 +181,16 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
             for i, config in enumerate(resolved):
                 set_threads_and_flush(config.threads, config.flush_denormal)
                 call()  # first call after a thread change pays the pool wake-up: not timed
+                faults_before = _minor_faults()
                 for _ in range(per_round):
                     start = time.perf_counter()
                     call()
                     samples[i].append((time.perf_counter() - start) * 1e3)
-    return [_summarize(s, load_before) for s in samples]
+                faults_after = _minor_faults()
+                counted = faults[i]
+                faults[i] = (None if counted is None or faults_before is None or faults_after is None
+                             else counted + faults_after - faults_before)
+    return [_summarize(s, load_before, f) for s, f in zip(samples, faults)]
 
 
 class WallEvent:
