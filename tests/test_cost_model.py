@@ -343,6 +343,18 @@ def test_a_correction_bound_holds_the_graph_correction_within_it(tiny_model: tup
     assert corrections["free"] > 2.5
     with pytest.raises(ValueError, match="correction_bound must be >= 0"):
         train(items, steps=1, correction_bound=-0.1, show_progress=False)
+    with pytest.raises(ValueError, match="needs correction_bound > 0"):
+        train(items, steps=1, correction_offset=True, show_progress=False)
+    # centred: the bound holds around a learned offset shared by every graph, which itself is free
+    centred = load(train(items, hidden=16, layers=2, steps=40, batch_size=8, lr=1e-2, correction_bound=0.05,
+                         correction_offset=True, show_progress=False)[0].save(tmp_path / "centred.npz"))
+    member = centred.members[0]
+    assert centred.meta["correction_offset"] is True and member.correction_offset is not None
+    member.correction_offset[...] = jnp.asarray(-0.7, dtype=jnp.float32)
+    member.graph_out.bias[...] = jnp.full_like(member.graph_out.bias[...], 3.0)
+    total, _, z = member.with_nodes(batch, 1)
+    correction = float(total[0]) - float(jnp.log(jnp.exp(z[:items[3].graph.num_nodes]).sum()))
+    assert correction == pytest.approx(-0.7 + 0.05, abs=1e-3)
 
 
 @pytest.fixture(scope="module")
