@@ -37,6 +37,11 @@ from morphc.predictors.records import RecordsDB, device_fingerprint, program_fin
 from morphc.predictors.spaces import CpuConfig, DeviceUnavailableError, GpuConfig
 from morphc.runtime.denormals import set_threads_and_flush, threads_and_flush
 
+try:  # page-fault counts (getrusage); not on every platform
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 __all__ = ["LATENCY", "OP_LATENCY", "CpuConfig", "LatencyStats", "collect", "measure", "profile_ops",
            "profile_interleaved", "profile_program", "program_batch", "resolve_config"]
 
@@ -59,11 +64,13 @@ class LatencyStats:
 
 def _minor_faults() -> int | None:
     """The process's minor page faults so far (getrusage); None where the platform has no `resource` module."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _faults_since(before: int | None) -> int | None:
+    """Minor page faults since `before`, a `_minor_faults()` reading; None where they are not counted."""
+    now = _minor_faults()
+    return None if before is None or now is None else now - before
 
 
 def _load() -> float | None:
@@ -99,9 +106,7 @@ def measure(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> Lat
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    faults_after = _minor_faults()
-    faults = None if faults_before is None or faults_after is None else faults_after - faults_before
-    return _summarize(samples, load_before, faults)
+    return _summarize(samples, load_before, _faults_since(faults_before))
 
 
 def program_batch(program: Program) -> int:
@@ -162,7 +167,7 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
     resolved = [_check_measurable(resolve_config(program, c)) for c in configs]
     load_before = _load()
     samples: list[list[float]] = [[] for _ in resolved]
-    faults: list[int | None] = [0 for _ in resolved]
+    faults: list[list[int | None]] = [[] for _ in resolved]  # per config: each round's count
     with threads_and_flush(resolved[0].threads, resolved[0].flush_denormal), torch.no_grad():
         call = lambda: program(*program.example_inputs)  # noqa: E731
         one = []
@@ -186,11 +191,9 @@ def profile_interleaved(program: Program, configs: Sequence[CpuConfig], *, warmu
                     start = time.perf_counter()
                     call()
                     samples[i].append((time.perf_counter() - start) * 1e3)
-                faults_after = _minor_faults()
-                counted = faults[i]
-                faults[i] = (None if counted is None or faults_before is None or faults_after is None
-                             else counted + faults_after - faults_before)
-    return [_summarize(s, load_before, f) for s, f in zip(samples, faults)]
+                faults[i].append(_faults_since(faults_before))
+    return [_summarize(s, load_before, None if None in f else sum(f))  # type: ignore[arg-type]
+            for s, f in zip(samples, faults)]
 
 
 class WallEvent:
