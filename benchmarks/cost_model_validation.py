@@ -287,9 +287,43 @@ def ensembles(runs: list[dict[str, Any]], configs: dict[str, list[Any]], size: i
         seeds = sorted(seed for sp, a, seed in by if (sp, a) == (spec, arm))
         for i in range(0, len(seeds) - size + 1, size):
             group = seeds[i:i + size]
-            pred = np.exp(np.mean([np.log(by[spec, arm, seed]) for seed in group], axis=0))
-            out.setdefault((spec, arm), []).append((group, metrics(pred, true)["mape_pct"]))
+            out.setdefault((spec, arm), []).append((group, _ensemble_mape([by[spec, arm, s] for s in group], true)))
     return out
+
+
+def _ensemble_mape(members: list[list[float]], true: np.ndarray) -> float:
+    """MAPE of the ensemble that predicts the mean of its members' log latencies, as a shipped checkpoint does."""
+    return metrics(np.exp(np.mean([np.log(m) for m in members], axis=0)), true)["mape_pct"]
+
+
+def mixed_ensembles(runs: list[dict[str, Any]], configs: dict[str, list[Any]], size: int = ENSEMBLE
+                    ) -> list[dict[str, Any]]:
+    """Per split and group of `size` consecutive seeds with both arms' predictions: the MAPE of the baseline's
+    ensemble, of the candidate's, and of a mixed one (half the members from each arm; the mean over the two ways of
+    splitting the group, {baseline first half + candidate second half} and the reverse). Session 20's question: the
+    arms err on different families, so half of each may beat four of one at the same query cost."""
+    by = {(r["split"], r["arm"], r["seed"]): r["pred_ms"] for r in runs if "pred_ms" in r and r["split"] in configs}
+    out = []
+    for spec in dict.fromkeys(sp for sp, _, _ in by):
+        true = np.asarray([c[3] for c in configs[spec]])
+        seeds = sorted(s for sp, a, s in by if sp == spec and a == "baseline" and (spec, "candidate", s) in by)
+        for i in range(0, len(seeds) - size + 1, size):
+            group, half = seeds[i:i + size], size // 2
+            first, second = group[:half], group[half:]
+            mixed = [_ensemble_mape([by[spec, a, s] for s in first] + [by[spec, b, s] for s in second], true)
+                     for a, b in (("baseline", "candidate"), ("candidate", "baseline"))]
+            out.append({"split": spec, "seeds": group, "mixed": float(np.mean(mixed)),
+                        **{arm: _ensemble_mape([by[spec, arm, s] for s in group], true)
+                           for arm in ("baseline", "candidate")}})
+    return out
+
+
+def decide_mixed(runs: list[dict[str, Any]], configs: dict[str, list[Any]]) -> dict[str, Any]:
+    """`decide`'s rule with the mixed ensemble as the candidate and the baseline's ensemble as the baseline, one
+    pair per (split, group of seeds)."""
+    pairs = mixed_ensembles(runs, configs)
+    return decide([{"split": g["split"], "seed": g["seeds"][0], "arm": arm, "mape_pct": g[key]}
+                   for g in pairs for arm, key in (("baseline", "baseline"), ("candidate", "mixed"))])
 
 
 def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int],
@@ -316,6 +350,7 @@ def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int],
         markdown_table(["held out", *arms], summary),
         _decision_line(runs),
         _ensemble_table(runs, arms, configs or {}),
+        _mixed_table(runs, configs or {}),
         note,
     ]).strip() + "\n"
 
@@ -338,11 +373,27 @@ def _decision_line(runs: list[dict[str, Any]]) -> str:
         d = decide(runs)
     except ValueError as exc:
         return f"Decision: none ({exc})."
+    return _verdict(d, "(split, seed) pairs", "The candidate")
+
+
+def _verdict(d: dict[str, Any], unit: str, subject: str) -> str:
     verdict = "**adopted**" if d["adopt"] else "**not adopted**"
     return (f"Decision by the rule (candidate lower on every split, and the mean paired difference more than 2 "
-            f"standard errors below zero): over {d['pairs']} (split, seed) pairs the paired difference is "
+            f"standard errors below zero): over {d['pairs']} {unit} the paired difference is "
             f"{d['mean_diff']:+.2f} ± {d['se']:.2f} points (t = {d['t']:.2f}); lower on every split: "
-            f"{'yes' if d['lower_on_every_split'] else 'no'}. The candidate is {verdict}.")
+            f"{'yes' if d['lower_on_every_split'] else 'no'}. {subject} is {verdict}.")
+
+
+def _mixed_table(runs: list[dict[str, Any]], configs: dict[str, list[Any]]) -> str:
+    groups = mixed_ensembles(runs, configs)
+    if len(groups) < 2:
+        return ""
+    rows = [[g["split"], f"{g['seeds'][0]}-{g['seeds'][-1]}", f"{g['baseline']:.1f}", f"{g['candidate']:.1f}",
+             f"{g['mixed']:.1f}"] for g in groups]
+    return (f"Mixed ensembles (session 20's question; its rule is `decide`'s, one pair per split and group): "
+            f"{ENSEMBLE} members, half from each arm, the mean over the two ways of splitting the group. MAPE:\n\n"
+            + markdown_table(["held out", "seeds", "baseline", "candidate", "mixed"], rows) + "\n\n"
+            + _verdict(decide_mixed(runs, configs), "(split, group) pairs", "The mixed ensemble"))
 
 
 def _cell(run: dict[str, Any]) -> str:

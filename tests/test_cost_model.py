@@ -410,6 +410,27 @@ def test_validation_ensembles_average_their_members_log_latencies(validation: An
     assert ensembles(runs, configs, size=8) == {}
 
 
+def test_mixed_ensembles_take_half_their_members_from_each_arm(validation: Any) -> None:
+    """`mixed_ensembles`: per group of 4 seeds, half the members from each arm, averaged over the two ways of
+    splitting the group; `decide_mixed` applies the rule to them against the baseline's own ensembles."""
+    true = [1.0, 2.0, 4.0]
+    configs = {split: [["v", "f", "cfg", t] for t in true] for split in ("a", "b")}
+    factor = {("baseline", 0): 1.2, ("baseline", 1): 1.2, ("baseline", 2): 1.44, ("baseline", 3): 1.44}
+    factor |= {("candidate", seed): 1 / 1.2 for seed in range(4)}
+    runs = [{"split": split, "seed": seed, "arm": arm, "pred_ms": [t * f for t in true]}
+            for split in ("a", "b") for (arm, seed), f in factor.items()]
+    groups = validation.mixed_ensembles(runs, configs)
+    assert [(g["split"], g["seeds"]) for g in groups] == [("a", [0, 1, 2, 3]), ("b", [0, 1, 2, 3])]
+    # baseline 0,1 (x1.2) + candidate 2,3 (/1.2) is exact; candidate 0,1 + baseline 2,3 (x1.44) is off by sqrt(1.2)
+    assert groups[0]["mixed"] == pytest.approx((0.0 + (1.2 ** 0.5 - 1) * 100) / 2)
+    assert groups[0]["baseline"] == pytest.approx((1.728 ** 0.5 - 1) * 100)
+    assert groups[0]["candidate"] == pytest.approx((1 - 1 / 1.2) * 100)
+    verdict = validation.decide_mixed(runs, configs)
+    assert verdict["pairs"] == 2 and verdict["lower_on_every_split"]
+    assert verdict["mean_diff"] == pytest.approx(groups[0]["mixed"] - groups[0]["baseline"])
+    assert validation.mixed_ensembles([r for r in runs if r["arm"] == "baseline"], configs) == []
+
+
 def test_reused_baseline_runs_are_those_trained_with_todays_defaults(validation: Any, tmp_path: Path) -> None:
     """`--reuse-baseline` takes a file's baseline arm when it was trained with today's train() defaults, or its
     candidate arm when the candidate's options are today's defaults (session 17's bound became them); a file whose
