@@ -36,6 +36,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -369,14 +370,15 @@ def _ensemble_table(runs: list[dict[str, Any]], arms: list[str], configs: dict[s
 
 
 def _decision_line(runs: list[dict[str, Any]]) -> str:
+    return _verdict(lambda: decide(runs), "(split, seed) pairs", "The candidate")
+
+
+def _verdict(decision: Callable[[], dict[str, Any]], unit: str, subject: str) -> str:
+    """The rule's decision in words; "none" where there are too few pairs (the report is still written)."""
     try:
-        d = decide(runs)
+        d = decision()
     except ValueError as exc:
         return f"Decision: none ({exc})."
-    return _verdict(d, "(split, seed) pairs", "The candidate")
-
-
-def _verdict(d: dict[str, Any], unit: str, subject: str) -> str:
     verdict = "**adopted**" if d["adopt"] else "**not adopted**"
     return (f"Decision by the rule (candidate lower on every split, and the mean paired difference more than 2 "
             f"standard errors below zero): over {d['pairs']} {unit} the paired difference is "
@@ -393,7 +395,7 @@ def _mixed_table(runs: list[dict[str, Any]], configs: dict[str, list[Any]]) -> s
     return (f"Mixed ensembles (session 20's question; its rule is `decide`'s, one pair per split and group): "
             f"{ENSEMBLE} members, half from each arm, the mean over the two ways of splitting the group. MAPE:\n\n"
             + markdown_table(["held out", "seeds", "baseline", "candidate", "mixed"], rows) + "\n\n"
-            + _verdict(decide_mixed(runs, configs), "(split, group) pairs", "The mixed ensemble"))
+            + _verdict(lambda: decide_mixed(runs, configs), "(split, group) pairs", "The mixed ensemble"))
 
 
 def _cell(run: dict[str, Any]) -> str:

@@ -429,6 +429,10 @@ def test_mixed_ensembles_take_half_their_members_from_each_arm(validation: Any) 
     assert verdict["pairs"] == 2 and verdict["lower_on_every_split"]
     assert verdict["mean_diff"] == pytest.approx(groups[0]["mixed"] - groups[0]["baseline"])
     assert validation.mixed_ensembles([r for r in runs if r["arm"] == "baseline"], configs) == []
+    # one validation split beside (b), which never counts: too few pairs for the rule, and the report still renders
+    only_a = [r for r in runs if r["split"] == "a"] + [{**r, "split": "(b): f"} for r in runs if r["split"] == "b"]
+    table = validation._mixed_table(only_a, {"a": configs["a"], "(b): f": configs["b"]})
+    assert "| (b): f | 0-3 |" in table and "Decision: none (the rule needs at least 2" in table
 
 
 def test_reused_baseline_runs_are_those_trained_with_todays_defaults(validation: Any, tmp_path: Path) -> None:
