@@ -282,14 +282,22 @@ def ensembles(runs: list[dict[str, Any]], configs: dict[str, list[Any]], size: i
     """(split, arm) -> [(seeds, MAPE)] of ensembles of `size` consecutive seeds' networks, each predicting the mean
     of its members' log latencies as a shipped checkpoint does (runs without stored predictions are left out)."""
     out: dict[tuple[str, str], list[tuple[list[int], float]]] = {}
-    by = {(r["split"], r["arm"], r["seed"]): r["pred_ms"] for r in runs if "pred_ms" in r and r["split"] in configs}
+    by, measured = _stored_predictions(runs, configs)
     for spec, arm in dict.fromkeys((sp, arm) for sp, arm, _ in by):
-        true = np.asarray([c[3] for c in configs[spec]])
+        true = measured[spec]
         seeds = sorted(seed for sp, a, seed in by if (sp, a) == (spec, arm))
         for i in range(0, len(seeds) - size + 1, size):
             group = seeds[i:i + size]
             out.setdefault((spec, arm), []).append((group, _ensemble_mape([by[spec, arm, s] for s in group], true)))
     return out
+
+
+def _stored_predictions(runs: list[dict[str, Any]], configs: dict[str, list[Any]]
+                        ) -> tuple[dict[tuple[str, str, int], list[float]], dict[str, np.ndarray]]:
+    """(split, arm, seed) -> the run's stored predictions, and split -> the measured latencies they are scored
+    against (runs without stored predictions, or of a split without its configs, are left out)."""
+    by = {(r["split"], r["arm"], r["seed"]): r["pred_ms"] for r in runs if "pred_ms" in r and r["split"] in configs}
+    return by, {spec: np.asarray([c[3] for c in configs[spec]]) for spec in dict.fromkeys(sp for sp, _, _ in by)}
 
 
 def _ensemble_mape(members: list[list[float]], true: np.ndarray) -> float:
@@ -303,10 +311,9 @@ def mixed_ensembles(runs: list[dict[str, Any]], configs: dict[str, list[Any]], s
     ensemble, of the candidate's, and of a mixed one (half the members from each arm; the mean over the two ways of
     splitting the group, {baseline first half + candidate second half} and the reverse). Session 20's question: the
     arms err on different families, so half of each may beat four of one at the same query cost."""
-    by = {(r["split"], r["arm"], r["seed"]): r["pred_ms"] for r in runs if "pred_ms" in r and r["split"] in configs}
+    by, measured = _stored_predictions(runs, configs)
     out = []
-    for spec in dict.fromkeys(sp for sp, _, _ in by):
-        true = np.asarray([c[3] for c in configs[spec]])
+    for spec, true in measured.items():
         seeds = sorted(s for sp, a, s in by if sp == spec and a == "baseline" and (spec, "candidate", s) in by)
         for i in range(0, len(seeds) - size + 1, size):
             group, half = seeds[i:i + size], size // 2
@@ -319,12 +326,11 @@ def mixed_ensembles(runs: list[dict[str, Any]], configs: dict[str, list[Any]], s
     return out
 
 
-def decide_mixed(runs: list[dict[str, Any]], configs: dict[str, list[Any]]) -> dict[str, Any]:
-    """`decide`'s rule with the mixed ensemble as the candidate and the baseline's ensemble as the baseline, one
-    pair per (split, group of seeds)."""
-    pairs = mixed_ensembles(runs, configs)
+def decide_mixed(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """`decide`'s rule over `mixed_ensembles`' groups, with the mixed ensemble as the candidate and the baseline's
+    ensemble as the baseline, one pair per (split, group of seeds)."""
     return decide([{"split": g["split"], "seed": g["seeds"][0], "arm": arm, "mape_pct": g[key]}
-                   for g in pairs for arm, key in (("baseline", "baseline"), ("candidate", "mixed"))])
+                   for g in groups for arm, key in (("baseline", "baseline"), ("candidate", "mixed"))])
 
 
 def _report(runs: list[dict[str, Any]], arms: list[str], seeds: list[int],
@@ -395,7 +401,7 @@ def _mixed_table(runs: list[dict[str, Any]], configs: dict[str, list[Any]]) -> s
     return (f"Mixed ensembles (session 20's question; its rule is `decide`'s, one pair per split and group): "
             f"{ENSEMBLE} members, half from each arm, the mean over the two ways of splitting the group. MAPE:\n\n"
             + markdown_table(["held out", "seeds", "baseline", "candidate", "mixed"], rows) + "\n\n"
-            + _verdict(lambda: decide_mixed(runs, configs), "(split, group) pairs", "The mixed ensemble"))
+            + _verdict(lambda: decide_mixed(groups), "(split, group) pairs", "The mixed ensemble"))
 
 
 def _cell(run: dict[str, Any]) -> str:

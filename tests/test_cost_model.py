@@ -425,7 +425,7 @@ def test_mixed_ensembles_take_half_their_members_from_each_arm(validation: Any) 
     assert groups[0]["mixed"] == pytest.approx((0.0 + (1.2 ** 0.5 - 1) * 100) / 2)
     assert groups[0]["baseline"] == pytest.approx((1.728 ** 0.5 - 1) * 100)
     assert groups[0]["candidate"] == pytest.approx((1 - 1 / 1.2) * 100)
-    verdict = validation.decide_mixed(runs, configs)
+    verdict = validation.decide_mixed(groups)
     assert verdict["pairs"] == 2 and verdict["lower_on_every_split"]
     assert verdict["mean_diff"] == pytest.approx(groups[0]["mixed"] - groups[0]["baseline"])
     assert validation.mixed_ensembles([r for r in runs if r["arm"] == "baseline"], configs) == []
