@@ -175,12 +175,13 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 # options train() gained after earlier results files were written, with the value that reproduces their trainings
-INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False}
+INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False, "batch_blind_correction": False}
 
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
 TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss",
-           "context_bound", "context_classes", "correction_bound", "correction_offset")
+           "context_bound", "context_classes", "correction_bound", "correction_offset",
+           "batch_blind_correction")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
 

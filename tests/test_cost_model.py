@@ -3,6 +3,7 @@ shipped checkpoint predicts sensibly, and passes reach it through the PassContex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -249,7 +250,7 @@ def _moved_by_context(member: cost_model.LatencyGNN, query: cost_model.Query, no
     others = np.arange(len(query.x)) != node
     x = query.x.copy()
     x[others] += np.random.default_rng(0).normal(0.0, scale, size=x[others].shape).astype(np.float32)
-    changed = cost_model.Query(x, query.work, query.edges, query.gfeat)
+    changed = dataclasses.replace(query, x=x)
     times = [np.asarray(member.with_nodes({k: jnp.asarray(v) for k, v in cost_model.pack([q])[0].items()}, 1)[2])
              for q in (query, changed)]
     return float(abs(times[1][node] - times[0][node]))
@@ -366,6 +367,36 @@ def validation() -> Any:
     import cost_model_validation
 
     return cost_model_validation
+
+def test_a_batch_blind_correction_is_the_same_at_every_batch_size(tiny_model: tuple, tmp_path: Path) -> None:
+    """`batch_blind_correction` computes the graph correction from the graph at batch 1: the prediction less the
+    summed node times is the same at batch 1..16 (while the node times grow), where the default correction moves
+    with the batch. The option survives a round trip."""
+    import jax.numpy as jnp
+
+    items = tiny_model[2]
+    blind = load(train(items, hidden=16, layers=2, steps=40, batch_size=8, lr=1e-2, batch_blind_correction=True,
+                       show_progress=False)[0].save(tmp_path / "blind.npz"))
+    free = train(items, hidden=16, layers=2, steps=40, batch_size=8, lr=1e-2, show_progress=False)[0]
+    assert blind.meta["batch_blind_correction"] is True and "batch_blind_correction" not in free.meta
+    graph, config = items[3].graph, items[3].config
+    spread = {}
+    for name, model in (("blind", blind), ("free", free)):
+        member = model.members[0]
+        kernel = member.graph_out.kernel[...]  # an MLP whose output depends on every input it reads
+        member.graph_out.kernel[...] = jnp.asarray(np.random.default_rng(1).normal(0.0, 1.0, kernel.shape),
+                                                   dtype=kernel.dtype)
+        corrections, node_sums = [], []
+        for batch_size in (1, 2, 4, 16):
+            query = make_query(graph, config.with_batch(batch_size))
+            batch = {k: jnp.asarray(v) for k, v in cost_model.pack([query])[0].items()}
+            total, _, z = member.with_nodes(batch, 1)
+            node_sums.append(float(jnp.log(jnp.exp(z[:graph.num_nodes]).sum())))
+            corrections.append(float(total[0]) - node_sums[-1])
+        assert node_sums[-1] > node_sums[0]  # the nodes do see the batch
+        spread[name] = max(corrections) - min(corrections)
+    assert spread["blind"] < 1e-4
+    assert spread["free"] > 1e-2
 
 
 def test_the_validation_rule_adopts_only_a_candidate_lower_on_every_split_by_two_standard_errors(
