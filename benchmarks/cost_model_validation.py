@@ -19,7 +19,8 @@ to the last digit in session 16), so that a candidate costs only its own trainin
 train()'s defaults, that file's candidate arm is today's baseline and is the one taken. Each run keeps its predictions
 (`pred_ms`, in the order of `validation_configs`), so ensembles of the seeds' networks can be scored afterwards.
 `--combine RESULTS_JSON ...` reports several earlier runs (of the same candidate, e.g. seeds 8-15 and 16-23 run
-apart) as one.
+apart) as one. Every finished run is kept at once in `results/OUT.partial.json`: a killed invocation, run again with
+the same arguments, trains only what it had not finished.
 
 The rule (fixed in session 15, applied by `decide`): a candidate is adopted only if its mean MAPE over the seeds is
 lower on every validation split and the mean of the paired differences (candidate - baseline, one per split and
@@ -105,6 +106,11 @@ def main() -> int:
 
     runs: list[dict[str, Any]] = []
     reused = _reused_baseline(parser, args)
+    settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options,
+                "predict_options": predict_options, "steps": args.steps, "members": 1,
+                "baseline_options": _baseline_options()}
+    partial = RESULTS / f"{args.out}.partial.json"
+    done = _resumed_runs(partial, settings)
     start = time.time()
     for spec, fit, val in cases:
         true = np.asarray([s.latency_ms for s in val])
@@ -116,8 +122,13 @@ def main() -> int:
                     runs.append(reused[spec, seed])
                     print(f"{spec} seed {seed} baseline: MAPE {runs[-1]['mape_pct']:.1f}% (reused)", flush=True)
                     continue
-                if arm == "candidate" and not added and not train_options:  # it differs only at prediction
-                    model = models["baseline"]
+                if (spec, seed, arm) in done:
+                    runs.append(done[spec, seed, arm])
+                    print(f"{spec} seed {seed} {arm}: MAPE {runs[-1]['mape_pct']:.1f}% (resumed from {partial})",
+                          flush=True)
+                    continue
+                if arm == "candidate" and not added and not train_options and "baseline" in models:
+                    model = models["baseline"]  # it differs only at prediction (a reused baseline: trained below)
                 else:
                     model = train(items, steps=args.steps, seed=seed, show_progress=False, **train_options)[0]
                 models[arm] = model
@@ -131,15 +142,46 @@ def main() -> int:
                              "pred_ms": [round(float(p), 6) for p in pred]})
                 print(f"[{time.time() - start:6.0f} s] {spec} seed {seed} {arm}: MAPE {runs[-1]['mape_pct']:.1f}% "
                       + " ".join(f"{f} {v:.1f}" for f, v in per_family.items()), flush=True)
+                _save_partial(partial, settings, runs)
 
     results: dict[str, Any] = {"samples": len(samples), "extra_samples": len(extra),
                "extra_families": sorted({s.family for s in extra}), "seeds": seeds, "runs": runs,
                "validation_configs": {spec: [[s.variant, s.family, str(s.config), s.latency_ms] for s in val]
                                       for spec, _, val in cases}}
     body = _report(runs, list(arms), seeds, results["validation_configs"])
-    settings = {"db": args.db, "extra_db": args.extra_db, "candidate_options": options, "steps": args.steps,
-                "members": 1, "baseline_options": _baseline_options()}
-    return _write(args.out, results, body, settings, load_start)
+    written = _write(args.out, results, body, settings, load_start)
+    partial.unlink(missing_ok=True)
+    return written
+
+
+def _save_partial(path: Path, settings: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Keep the runs finished so far (each is minutes of training), so that a killed run resumes where it stopped:
+    written to a temporary file and renamed, so a kill while writing leaves the previous state."""
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "runs": [r for r in runs if "reused_from" not in r]}))
+    tmp.replace(path)
+
+
+def _resumed_runs(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int, str], Any]:
+    """(split, seed, arm) -> a run an earlier, killed invocation with the same --out finished, if it ran with the
+    same settings (training is deterministic: resuming gives what the full run would have); otherwise nothing,
+    saying why."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+        recorded, runs = payload["settings"], payload["runs"]
+    except (ValueError, KeyError, TypeError) as err:
+        print(f"ignoring {path}: not a partial results file of this script ({err})", flush=True)
+        return {}
+    if json.loads(json.dumps(settings)) != recorded:
+        print(f"ignoring {path}: it was run with other settings ({recorded}); starting afresh", flush=True)
+        return {}
+    return {(r["split"], r["seed"], r["arm"]): r for r in runs}
 
 
 def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[tuple[str, int], Any]:

@@ -514,3 +514,22 @@ def test_reused_baseline_runs_are_those_trained_with_todays_defaults(validation:
             reuse(name)
     with pytest.raises(Refused, match="with 10 steps; this run uses"):
         validation._reused_baseline(Parser(), argparse.Namespace(db=str(db), steps=11, reuse_baseline=[files["same"]]))
+
+
+def test_a_killed_validation_run_resumes_from_its_finished_runs(validation: Any, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Each finished (split, seed, arm) run is kept as it finishes; a rerun with the same settings takes them back,
+    one with other settings (or an unreadable file) starts afresh and says why. Runs reused from --reuse-baseline
+    files are not copied (they are kept where they came from)."""
+    path = tmp_path / "v.partial.json"
+    settings = {"db": "r.sqlite", "candidate_options": {"batch_blind_correction": True}, "steps": 10}
+    runs = [{"split": "s", "seed": 3, "arm": "baseline", "mape_pct": 1.0, "reused_from": "old.json"},
+            {"split": "s", "seed": 3, "arm": "candidate", "mape_pct": 2.0}]
+    assert validation._resumed_runs(path, settings) == {}
+    validation._save_partial(path, settings, runs)
+    assert validation._resumed_runs(path, settings) == {("s", 3, "candidate"): runs[1]}
+    assert validation._resumed_runs(path, {**settings, "steps": 11}) == {}
+    assert "other settings" in capsys.readouterr().out
+    path.write_text("{not json")
+    assert validation._resumed_runs(path, settings) == {}
+    assert "not a partial results file" in capsys.readouterr().out
