@@ -142,6 +142,7 @@ class LatencyGNN(nnx.Module):
             self.correction_offset = nnx.Param(jnp.zeros((), dtype=jnp.float32))
         # batch_blind_correction: the graph MLP reads the graph at one sample (a second pass of the same encoder
         # over the per-sample features), so its correction is the same at every batch size; see train's
+        # `batch_blind_correction`
         self.batch_blind_correction = batch_blind_correction
 
     def __call__(self, batch: dict[str, jax.Array], num_graphs: int) -> tuple[jax.Array, jax.Array]:
