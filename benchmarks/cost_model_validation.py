@@ -202,8 +202,8 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if recorded is None:
             parser.error(f"--reuse-baseline {path}: its train() defaults were not recorded (before session 17): "
                          "train the baseline again")
-        arms = {"baseline": INTRODUCED | recorded,
-                "candidate": INTRODUCED | recorded | settings.get("candidate_options", {})}
+        arms = {"baseline": _as_today(recorded),
+                "candidate": _as_today(recorded | settings.get("candidate_options", {}))}
         arm = next((a for a, options in arms.items() if options == today
                     and (a == "baseline" or not settings.get("extra_db"))), None)
         if arm is None:
@@ -217,13 +217,21 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 # options train() gained after earlier results files were written, with the value that reproduces their trainings
-INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False, "batch_blind_correction": False}
+INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False}
+# options train() had when results files were written and has no longer, with the value today's training equals
+# (batch_blind_correction: session 21's candidate, not adopted and removed)
+REMOVED: dict[str, Any] = {"batch_blind_correction": False}
+
+
+def _as_today(options: dict[str, Any]) -> dict[str, Any]:
+    """A results file's recorded train() options in today's terms: INTRODUCED filled in, REMOVED options dropped
+    where they held the value today's training equals (kept otherwise, so that they match nothing today)."""
+    return {k: v for k, v in (INTRODUCED | options).items() if not (k in REMOVED and v == REMOVED[k])}
 
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
 TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss",
-           "context_bound", "context_classes", "correction_bound", "correction_offset",
-           "batch_blind_correction")
+           "context_bound", "context_classes", "correction_bound", "correction_offset")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
 

@@ -105,8 +105,7 @@ class LatencyGNN(nnx.Module):
 
     def __init__(self, node_dim: int, graph_dim: int, hidden: int = 64, layers: int = 3,
                  context_bound: float = 0.0, context_classes: Sequence[str] = (), correction_bound: float = 0.0,
-                 correction_offset: bool = False, batch_blind_correction: bool = False, *,
-                 rngs: nnx.Rngs) -> None:
+                 correction_offset: bool = False, *, rngs: nnx.Rngs) -> None:
         self.embed = nnx.Linear(node_dim, hidden, rngs=rngs)
         self.msg_fwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
         self.msg_bwd = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers)])
@@ -140,20 +139,18 @@ class LatencyGNN(nnx.Module):
         self.correction_offset: nnx.Param | None = nnx.data(None)
         if correction_offset:
             self.correction_offset = nnx.Param(jnp.zeros((), dtype=jnp.float32))
-        # batch_blind_correction: the graph MLP reads the graph at one sample (a second pass of the same encoder
-        # over the per-sample features), so its correction is the same at every batch size; see train's
-        # `batch_blind_correction`
-        self.batch_blind_correction = batch_blind_correction
 
     def __call__(self, batch: dict[str, jax.Array], num_graphs: int) -> tuple[jax.Array, jax.Array]:
         """(log-ms per graph [num_graphs], embedding per graph [num_graphs, 2*hidden])."""
         out, emb, _ = self.with_nodes(batch, num_graphs)
         return out, emb
 
-    def _encode(self, x: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-        """[nodes, hidden] node states after message passing over the batch's edges (zero on padding)."""
-        senders, receivers = batch["senders"], batch["receivers"]
+    def with_nodes(self, batch: dict[str, jax.Array], num_graphs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """As __call__, plus every node's own log-ms [nodes] (-inf on padding)."""
+        x, mask = batch["x"], batch["mask"]
+        senders, receivers, gid = batch["senders"], batch["receivers"], batch["graph"]
         n = x.shape[0]
+        segments = num_graphs + 1  # the last segment collects padding
         ones = jnp.ones_like(senders, dtype=x.dtype)
         deg_in = jnp.maximum(jax.ops.segment_sum(ones, receivers, n), 1.0)[:, None]
         deg_out = jnp.maximum(jax.ops.segment_sum(ones, senders, n), 1.0)[:, None]
@@ -162,23 +159,7 @@ class LatencyGNN(nnx.Module):
             m_in = jax.ops.segment_sum(fwd(h)[senders], receivers, n) / deg_in
             m_out = jax.ops.segment_sum(bwd(h)[receivers], senders, n) / deg_out
             h = norm(h + nnx.gelu(upd(jnp.concatenate([h, m_in, m_out], axis=-1))))
-        return h * batch["mask"][:, None]
-
-    @staticmethod
-    def _pool(h: jax.Array, batch: dict[str, jax.Array], num_graphs: int) -> jax.Array:
-        """[num_graphs, 2*hidden] each graph's mean and max node state."""
-        mask, gid, segments = batch["mask"], batch["graph"], num_graphs + 1  # the last segment collects padding
-        count = jnp.maximum(jax.ops.segment_sum(mask, gid, segments), 1.0)[:, None]
-        mean = jax.ops.segment_sum(h, gid, segments) / count
-        hmax = jax.ops.segment_max(jnp.where(mask[:, None] > 0, h, -1e9), gid, segments)
-        hmax = jnp.where(count > 0, jnp.maximum(hmax, -1e3), 0.0)
-        return jnp.concatenate([mean, hmax], axis=-1)[:num_graphs]
-
-    def with_nodes(self, batch: dict[str, jax.Array], num_graphs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """As __call__, plus every node's own log-ms [nodes] (-inf on padding)."""
-        x, mask, gid = batch["x"], batch["mask"], batch["graph"]
-        segments = num_graphs + 1  # the last segment collects padding
-        h = self._encode(x, batch)
+        h = h * mask[:, None]
         coef = self.node_head(h)
         if self.local is not None and self.local_head is not None:
             bound = self.context_bound
@@ -195,12 +176,12 @@ class LatencyGNN(nnx.Module):
         zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
         total = jax.ops.segment_sum(jnp.exp(z - zmax[gid]), gid, segments)
         lse = jnp.log(jnp.maximum(total, 1e-30)) + zmax
-        emb = self._pool(h, batch, num_graphs)
-        if self.batch_blind_correction:
-            graph_in = [self._pool(self._encode(batch["x_sample"], batch), batch, num_graphs), batch["gfeat_sample"]]
-        else:
-            graph_in = [emb, batch["gfeat"]]
-        g = nnx.gelu(self.graph_hidden(jnp.concatenate(graph_in, axis=-1)))
+        count = jnp.maximum(jax.ops.segment_sum(mask, gid, segments), 1.0)[:, None]
+        mean = jax.ops.segment_sum(h, gid, segments) / count
+        hmax = jax.ops.segment_max(jnp.where(mask[:, None] > 0, h, -1e9), gid, segments)
+        hmax = jnp.where(count > 0, jnp.maximum(hmax, -1e3), 0.0)
+        emb = jnp.concatenate([mean, hmax], axis=-1)[:num_graphs]
+        g = nnx.gelu(self.graph_hidden(jnp.concatenate([emb, batch["gfeat"]], axis=-1)))
         correction = self.graph_out(g)[:, 0]
         if self.correction_bound:
             correction = self.correction_bound * jnp.tanh(correction / self.correction_bound)
@@ -224,18 +205,13 @@ class Query:
     work: np.ndarray  # [N, 2] GFLOPs and GB per node (features.node_work)
     edges: np.ndarray
     gfeat: np.ndarray
-    # the same graph and config at batch 1: what a batch-blind graph correction reads (LatencyGNN)
-    x_sample: np.ndarray
-    gfeat_sample: np.ndarray
     threads: int = 1  # the config's intra-op threads (0 for a GPU config): which calibration scale applies
 
 
 def make_query(graph: OpGraph, config: CpuConfig | GpuConfig, runtime: np.ndarray | None = None,
                static_block: np.ndarray | None = None) -> Query:
-    one = config.with_batch(1)
     return Query(node_features(graph, config, runtime, static_block), node_work(graph, config), graph.edges,
-                 graph_features(graph, config), node_features(graph, one, runtime, static_block),
-                 graph_features(graph, one), getattr(config, "threads", 0))
+                 graph_features(graph, config), getattr(config, "threads", 0))
 
 
 def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[str, np.ndarray], int]:
@@ -245,19 +221,16 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
     e_real = sum(len(q.edges) for q in queries)
     n_pad, e_pad = _bucket(n_real + 1, 64), _bucket(e_real + 1, 64)
     x = np.zeros((n_pad, NODE_DIM), np.float32)
-    x_sample = np.zeros((n_pad, NODE_DIM), np.float32)
     work = np.zeros((n_pad, 2), np.float32)
     mask = np.zeros(n_pad, np.float32)
     gid = np.full(n_pad, g, np.int32)
     senders = np.full(e_pad, n_pad - 1, np.int32)
     receivers = np.full(e_pad, n_pad - 1, np.int32)
     gfeat = np.zeros((g, GRAPH_DIM), np.float32)
-    gfeat_sample = np.zeros((g, GRAPH_DIM), np.float32)
     n0 = e0 = 0
     for i, q in enumerate(queries):
         k, e = q.x.shape[0], len(q.edges)
         x[n0:n0 + k] = q.x
-        x_sample[n0:n0 + k] = q.x_sample
         work[n0:n0 + k] = q.work
         mask[n0:n0 + k] = 1.0
         gid[n0:n0 + k] = i
@@ -265,10 +238,9 @@ def pack(queries: Sequence[Query], num_graphs: int | None = None) -> tuple[dict[
             senders[e0:e0 + e] = q.edges[:, 0] + n0
             receivers[e0:e0 + e] = q.edges[:, 1] + n0
         gfeat[i] = q.gfeat
-        gfeat_sample[i] = q.gfeat_sample
         n0, e0 = n0 + k, e0 + e
     return {"x": x, "work": work, "mask": mask, "graph": gid, "senders": senders, "receivers": receivers,
-            "gfeat": gfeat, "x_sample": x_sample, "gfeat_sample": gfeat_sample}, g
+            "gfeat": gfeat}, g
 
 
 def _compile_forward(members: Sequence[LatencyGNN]
@@ -494,7 +466,7 @@ def _new_model(meta: dict[str, Any], seed: int = 0) -> LatencyGNN:
     return LatencyGNN(NODE_DIM, GRAPH_DIM, int(meta["hidden"]), int(meta["layers"]),
                       float(meta.get("context_bound", 0.0)), tuple(meta.get("context_classes", ())),
                       float(meta.get("correction_bound", 0.0)), bool(meta.get("correction_offset", False)),
-                      bool(meta.get("batch_blind_correction", False)), rngs=nnx.Rngs(seed))
+                      rngs=nnx.Rngs(seed))
 
 
 def load(path: str | Path | io.BytesIO) -> CostModel:
@@ -594,11 +566,10 @@ def _hide_op_names(query: Query, hide: np.ndarray) -> Query:
     """
     if not hide.any():
         return query
-    x, x_sample = query.x.copy(), query.x_sample.copy()
-    for features in (x, x_sample):
-        features[hide, VOCAB_COLUMNS] = 0.0
-        features[hide, VOCAB_COLUMNS.stop - 1] = 1.0
-    return dataclasses.replace(query, x=x, x_sample=x_sample)
+    x = query.x.copy()
+    x[hide, VOCAB_COLUMNS] = 0.0
+    x[hide, VOCAB_COLUMNS.stop - 1] = 1.0
+    return dataclasses.replace(query, x=x)
 
 
 @dataclass(frozen=True)
@@ -616,8 +587,7 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
           runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS,
           context_bound: float = CONTEXT_BOUND, context_classes: Sequence[str] = CONTEXT_CLASSES,
-          correction_bound: float = 0.0, correction_offset: bool = False, batch_blind_correction: bool = False,
-          seed: int = 0, members: int = 1,
+          correction_bound: float = 0.0, correction_offset: bool = False, seed: int = 0, members: int = 1,
           show_progress: bool = True) -> tuple[CostModel, list[float]]:
     """Train `members` LatencyGNNs on `items` (seeds seed, seed+1, ...: their own initialisation, batches
     and dropout masks); returns the ensemble and the loss per step (MSE of log latency, mean over members).
@@ -652,10 +622,6 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
     `correction_offset` centres that bound on a learned log offset shared by every graph: the unbounded correction
     is about -0.15 on every family (node times overshoot by a similar factor everywhere), and only what varies
     between graphs extrapolates.
-    `batch_blind_correction` computes the graph-level correction from the graph at batch 1 (per-sample node and
-    graph features, through the same encoder), so it is the same at every batch size and batch scaling is left to
-    the nodes' rooflines. Held-out CNNs' error grows with batch, and it was the unbounded correction that grew more
-    negative with batch on them while their node times did not call for it (docs/cost_model.md, session 20).
     """
     if not items:
         raise ValueError("train() needs at least one item (is the records database empty?)")
@@ -700,7 +666,6 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
             **({"context_classes": list(context_classes)} if context_classes else {}),
             **({"correction_bound": correction_bound} if correction_bound else {}),
             **({"correction_offset": True} if correction_offset else {}),
-            **({"batch_blind_correction": True} if batch_blind_correction else {}),
             "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
             "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit], "flush_denormal": flushed.pop(),
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
