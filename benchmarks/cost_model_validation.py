@@ -217,10 +217,10 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 # options train() gained after earlier results files were written, with the value that reproduces their trainings
-INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False, "kernel_decay": 0.0}
+INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False}
 # options train() had when results files were written and has no longer, with the value today's training equals
-# (batch_blind_correction: session 21's candidate, not adopted and removed)
-REMOVED: dict[str, Any] = {"batch_blind_correction": False}
+# (session 21's and 22's candidates, not adopted and removed)
+REMOVED: dict[str, Any] = {"batch_blind_correction": False, "kernel_decay": 0.0}
 
 
 def _as_today(options: dict[str, Any]) -> dict[str, Any]:
@@ -231,8 +231,7 @@ def _as_today(options: dict[str, Any]) -> dict[str, Any]:
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
 TUNABLE = ("hidden", "layers", "batch_size", "lr", "weight_decay", "runtime_dropout", "op_dropout", "node_loss",
-           "context_bound", "context_classes", "correction_bound", "correction_offset",
-           "kernel_decay")
+           "context_bound", "context_classes", "correction_bound", "correction_offset")
 # CostModel fields that change only how a trained network predicts (0 or 1)
 PREDICT_TIME = ("hide_unseen_ops",)
 

@@ -358,33 +358,6 @@ def test_a_correction_bound_holds_the_graph_correction_within_it(tiny_model: tup
     assert correction == pytest.approx(-0.7 + 0.05, abs=1e-3)
 
 
-def test_kernel_decay_shrinks_the_weight_matrices_only(tiny_model: tuple, tmp_path: Path) -> None:
-    """`kernel_decay` decays the Linear kernels and nothing else: the mask names exactly the kernels, trained kernels
-    come out smaller than without it, and the option is recorded in the checkpoint and refused when negative."""
-    import jax
-    from flax import nnx
-
-    items = tiny_model[2]
-    options = {"hidden": 16, "layers": 2, "steps": 40, "batch_size": 8, "lr": 1e-2, "show_progress": False}
-    plain = train(items, **options)[0]
-    params = nnx.state(plain.members[0], nnx.Param)
-    masked = {jax.tree_util.keystr(path).removesuffix(".value"): bool(flag) for path, flag in
-              jax.tree_util.tree_flatten_with_path(cost_model._kernels(params))[0]}
-    assert masked and all(flag == path.endswith("'kernel']") for path, flag in masked.items())
-    assert any(path.endswith("'bias']") for path in masked) and any("probe_log_ms" in path for path in masked)
-
-    def kernel_norm(model: cost_model.CostModel) -> float:
-        flat = jax.tree_util.tree_flatten_with_path(nnx.state(model.members[0], nnx.Param))[0]
-        return sum(float((leaf ** 2).sum()) for path, leaf in flat
-                   if jax.tree_util.keystr(path).removesuffix(".value").endswith("'kernel']"))
-
-    decayed = load(train(items, kernel_decay=5.0, **options)[0].save(tmp_path / "decayed.npz"))
-    assert kernel_norm(decayed) < 0.9 * kernel_norm(plain)
-    assert decayed.meta["trained"]["kernel_decay"] == 5.0 and "kernel_decay" not in plain.meta["trained"]
-    with pytest.raises(ValueError, match="kernel_decay must be >= 0"):
-        train(items, steps=1, kernel_decay=-1.0, show_progress=False)
-
-
 @pytest.fixture(scope="module")
 def validation() -> Any:
     """benchmarks/cost_model_validation.py, the protocol that chooses between cost-model candidates."""

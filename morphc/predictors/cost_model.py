@@ -587,8 +587,8 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
           steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 1e-4,
           runtime_dropout: float = 0.5, op_dropout: float = 0.25, node_loss: float = NODE_LOSS,
           context_bound: float = CONTEXT_BOUND, context_classes: Sequence[str] = CONTEXT_CLASSES,
-          correction_bound: float = 0.0, correction_offset: bool = False, kernel_decay: float = 0.0, seed: int = 0,
-          members: int = 1, show_progress: bool = True) -> tuple[CostModel, list[float]]:
+          correction_bound: float = 0.0, correction_offset: bool = False, seed: int = 0, members: int = 1,
+          show_progress: bool = True) -> tuple[CostModel, list[float]]:
     """Train `members` LatencyGNNs on `items` (seeds seed, seed+1, ...: their own initialisation, batches
     and dropout masks); returns the ensemble and the loss per step (MSE of log latency, mean over members).
 
@@ -622,18 +622,11 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
     `correction_offset` centres that bound on a learned log offset shared by every graph: the unbounded correction
     is about -0.15 on every family (node times overshoot by a similar factor everywhere), and only what varies
     between graphs extrapolates.
-    `kernel_decay` > 0 decays the weight matrices (the Linear kernels, not biases, LayerNorm scales or the profiler's
-    cost) by that much more than `weight_decay`, decoupled as AdamW's: functions of the context kept small, so that a
-    node's coefficients stay near what its own class and shapes say when its neighbourhood is one no training graph
-    had. `weight_decay` (1e-4) moves the kernels by about 0.1% over training; it cannot be raised for this, since it
-    also pulls the roofline's biases and `probe_log_ms` towards 0.
     """
     if not items:
         raise ValueError("train() needs at least one item (is the records database empty?)")
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
-    if kernel_decay < 0:
-        raise ValueError(f"kernel_decay must be >= 0 (0: kernels decay as every parameter does), got {kernel_decay}")
     if correction_bound < 0:
         raise ValueError(f"correction_bound must be >= 0 (0: unbounded correction), got {correction_bound}")
     if correction_offset and not correction_bound:
@@ -676,9 +669,7 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
             "device_kind": kinds[0], "device_fingerprint": device or device_fingerprint("cpu"), "target": "log-ms",
             "seen_ops": [name for name, hit in zip(VOCAB_NAMES, seen) if hit], "flush_denormal": flushed.pop(),
             "trained": {"samples": len(items), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                        "members": members, "node_loss": node_loss,
-                        **({"kernel_decay": kernel_decay} if kernel_decay else {}),
-                        "groups": sorted({it.group for it in items}),
+                        "members": members, "node_loss": node_loss, "groups": sorted({it.group for it in items}),
                         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}}
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -696,7 +687,6 @@ def train(items: Sequence[TrainItem], *, device: str | None = None, hidden: int 
 
             model, losses = _train_member(meta, with_rt, without_rt, targets, node_targets, seed + k, steps=steps,
                                           batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                          kernel_decay=kernel_decay,
                                           runtime_dropout=runtime_dropout, op_dropout=op_dropout,
                                           node_loss=node_loss, on_step=report)
             trained.append(model)
@@ -713,27 +703,16 @@ def _node_targets(graph: OpGraph, op_ms: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(graph.ops) == "input", np.nan, logged)
 
 
-def _kernels(params: Any) -> Any:
-    """The mask of `params` that is True on Linear kernels (the weight matrices) only."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(key, "key", None) == "kernel" for key in path), params)
-
-
 def _train_member(meta: dict[str, Any], with_rt: list[Query], without_rt: list[Query], targets: np.ndarray,
                   node_targets: list[np.ndarray | None], seed: int, *, steps: int, batch_size: int, lr: float,
-                  weight_decay: float, kernel_decay: float, runtime_dropout: float, op_dropout: float, node_loss: float,
+                  weight_decay: float, runtime_dropout: float, op_dropout: float, node_loss: float,
                   on_step: Callable[[int, float], None]) -> tuple[LatencyGNN, list[float]]:
     """One member: AdamW with warm-up and cosine decay on random batches; the model and its loss per step."""
     rng = np.random.default_rng(seed)
     model = _new_model(meta, seed)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps, lr * 0.02)
-    if kernel_decay:  # adamw's own chain, with the kernels' extra decay beside its decay of every parameter
-        adam = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay),
-                           optax.add_decayed_weights(kernel_decay, mask=_kernels),
-                           optax.scale_by_learning_rate(schedule))
-    else:
-        adam = optax.adamw(schedule, weight_decay=weight_decay)
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), adam), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
+                                                 optax.adamw(schedule, weight_decay=weight_decay)), wrt=nnx.Param)
 
     @nnx.jit(static_argnums=(3,))
     def step(model: LatencyGNN, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], g: int,
