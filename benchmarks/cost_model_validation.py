@@ -190,7 +190,7 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     no extra data) are today's defaults, as session 17's conv+pool bound became."""
     import json
 
-    today = _baseline_options()
+    today = _without_neutral(_baseline_options())
     found: dict[tuple[str, int], Any] = {}
     for path in args.reuse_baseline:
         payload = json.loads(Path(path).read_text())
@@ -202,8 +202,8 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if recorded is None:
             parser.error(f"--reuse-baseline {path}: its train() defaults were not recorded (before session 17): "
                          "train the baseline again")
-        arms = {"baseline": _as_today(recorded),
-                "candidate": _as_today(recorded | settings.get("candidate_options", {}))}
+        arms = {"baseline": _without_neutral(recorded),
+                "candidate": _without_neutral(recorded | settings.get("candidate_options", {}))}
         arm = next((a for a, options in arms.items() if options == today
                     and (a == "baseline" or not settings.get("extra_db"))), None)
         if arm is None:
@@ -216,17 +216,16 @@ def _reused_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return found
 
 
-# options train() gained after earlier results files were written, with the value that reproduces their trainings
-INTRODUCED: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False}
-# options train() had when results files were written and has no longer, with the value today's training equals
-# (session 21's and 22's candidates, not adopted and removed)
-REMOVED: dict[str, Any] = {"batch_blind_correction": False, "kernel_decay": 0.0}
+# options train() has not always had (gained after earlier results files were written, or lost since: session
+# 21's and 22's candidates), with the value at which training is as if the option did not exist
+NEUTRAL: dict[str, Any] = {"correction_bound": 0.0, "correction_offset": False, "batch_blind_correction": False,
+                           "kernel_decay": 0.0}
 
 
-def _as_today(options: dict[str, Any]) -> dict[str, Any]:
-    """A results file's recorded train() options in today's terms: INTRODUCED filled in, REMOVED options dropped
-    where they held the value today's training equals (kept otherwise, so that they match nothing today)."""
-    return {k: v for k, v in (INTRODUCED | options).items() if not (k in REMOVED and v == REMOVED[k])}
+def _without_neutral(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` less those at their NEUTRAL value, so that a file recorded before an option was gained, or after
+    it was lost, compares equal to today's options when it trained the same way (and unequal when it did not)."""
+    return {k: v for k, v in options.items() if k not in NEUTRAL or v != NEUTRAL[k]}
 
 
 # train() keywords a candidate may change; the rest (seed, steps, members, device, progress) the protocol fixes
